@@ -1,0 +1,43 @@
+"""Grouped Query Experts for Hugging Face Transformers.
+
+Importing this package registers the "gqe" model type with the Auto classes, so that
+`AutoModelForCausalLM.from_pretrained(folder)` works without `trust_remote_code`, and marks the classes
+for `register_for_auto_class`, so that `save_pretrained` writes `auto_map` and copies the two standalone
+files (`configuration_gqe.py`, `modeling_gqe.py`) for loading with `trust_remote_code=True` elsewhere.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+)
+
+from .configuration_gqe import GQEConfig
+from .modeling_gqe import (
+    GQEForCausalLM,
+    GQEForSequenceClassification,
+    GQEModel,
+    GQEPreTrainedModel,
+    load_balancing_loss_func,
+)
+
+
+AutoConfig.register("gqe", GQEConfig, exist_ok=True)
+AutoModel.register(GQEConfig, GQEModel, exist_ok=True)
+AutoModelForCausalLM.register(GQEConfig, GQEForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(GQEConfig, GQEForSequenceClassification, exist_ok=True)
+
+GQEConfig.register_for_auto_class()
+GQEModel.register_for_auto_class("AutoModel")
+GQEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+GQEForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+__all__ = [
+    "GQEConfig",
+    "GQEPreTrainedModel",
+    "GQEModel",
+    "GQEForCausalLM",
+    "GQEForSequenceClassification",
+    "load_balancing_loss_func",
+]

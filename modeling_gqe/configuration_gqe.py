@@ -1,0 +1,154 @@
+# Copyright 2026 The GQE authors. Licensed under the Apache License, Version 2.0.
+"""Configuration of Grouped Query Experts (GQE) models.
+
+This file is self-contained (it imports only from `transformers`) so that it can travel inside a
+`trust_remote_code` checkpoint folder next to `modeling_gqe.py`.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+
+GQE_VARIANTS = ("gqe", "hard_concat", "weighted_concat")
+EXPERT_ROUTINGS = ("ranked", "partitioned")
+
+
+@strict
+class GQEConfig(PreTrainedConfig):
+    r"""
+    Configuration of a Llama-style decoder whose attention is Grouped Query Experts: inside each of the
+    `num_key_value_heads` (G) KV groups, a router picks `num_experts_per_tok` (k) of the group's
+    `num_attention_heads // num_key_value_heads` (M) query-head experts per token. The KV heads stay dense,
+    so the KV cache is exactly that of the GQA model with the same `num_key_value_heads`.
+
+    The defaults are the paper's main model (arXiv 2606.20945): hidden 1024, 16 query-head experts,
+    8 KV heads, head_dim 64, k = 1, variant "gqe" (hard slots + weighted slot + shared head), about 250M
+    parameters.
+
+    GQE-specific arguments (all Llama arguments are accepted as well):
+        num_experts_per_tok (`int`, *optional*, defaults to 1):
+            k, the query-head experts selected per token in each KV group, `1 <= k <= M`.
+        gqe_variant (`str`, *optional*, defaults to `"gqe"`):
+            `"gqe"`: G*k unweighted slots, one probability-weighted slot and one shared head.
+            `"hard_concat"`: the G*k unweighted slots only.
+            `"weighted_concat"`: the G*k slots, each multiplied by its router probability.
+        expert_routing (`str`, *optional*, defaults to `"ranked"`):
+            `"ranked"`: top-k of the group's M experts, slot j holds the j-th most probable.
+            `"partitioned"`: the M experts are split into k consecutive blocks and slot j holds the top-1 of
+            block j (requires `M % k == 0`). Identical to "ranked" when k = 1; with k = M and
+            "hard_concat" the model is exactly a GQA model.
+        router_aux_loss_coef (`float`, *optional*, defaults to 0.01):
+            Weight of the load-balancing loss (summed over layers) added to the LM loss.
+        output_router_logits (`bool`, *optional*, defaults to `False`):
+            Return the router logits of every layer (and the aux loss). The aux loss is always computed
+            while training with labels.
+        sliding_window (`int`, *optional*):
+            Mistral-style sliding-window attention on every layer; `None` is full attention.
+
+    ```python
+    >>> from modeling_gqe import GQEConfig, GQEForCausalLM
+    >>> config = GQEConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4)
+    >>> model = GQEForCausalLM(config)
+    ```"""
+
+    model_type = "gqe"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 32000
+    hidden_size: int = 1024
+    intermediate_size: int = 2816
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = 8
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    attention_bias: bool = False
+    attention_dropout: int | float | None = 0.0
+    mlp_bias: bool = False
+    head_dim: int | None = None
+    sliding_window: int | None = None
+    # GQE
+    num_experts_per_tok: int = 1
+    gqe_variant: str = "gqe"
+    expert_routing: str = "ranked"
+    router_aux_loss_coef: float = 0.01
+    output_router_logits: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads != 0:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads "
+                    f"({self.num_attention_heads}); set head_dim explicitly or pick a divisible hidden_size."
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self._validate_gqe()
+        super().__post_init__(**kwargs)
+
+    def _validate_gqe(self):
+        # Raised here rather than in `validate_architecture` so users get a plain ValueError.
+        n, g, k = self.num_attention_heads, self.num_key_value_heads, self.num_experts_per_tok
+        if g < 1 or n % g != 0:
+            raise ValueError(
+                f"num_attention_heads ({n}) must be a multiple of num_key_value_heads ({g}): every KV group "
+                f"holds the same number of query-head experts. Set num_key_value_heads to a divisor of {n}."
+            )
+        m = n // g
+        if not 1 <= k <= m:
+            raise ValueError(
+                f"num_experts_per_tok ({k}) must be between 1 and the experts per KV group, "
+                f"num_attention_heads // num_key_value_heads = {m}. Set num_experts_per_tok in [1, {m}]."
+            )
+        if self.gqe_variant not in GQE_VARIANTS:
+            raise ValueError(f"gqe_variant must be one of {GQE_VARIANTS}, got {self.gqe_variant!r}.")
+        if self.expert_routing not in EXPERT_ROUTINGS:
+            raise ValueError(f"expert_routing must be one of {EXPERT_ROUTINGS}, got {self.expert_routing!r}.")
+        if self.expert_routing == "partitioned" and m % k != 0:
+            raise ValueError(
+                f"expert_routing='partitioned' splits the {m} experts of a group into num_experts_per_tok ({k}) "
+                f"equal blocks, so {m} must be divisible by {k}. Choose a divisor of {m} or use "
+                f"expert_routing='ranked'."
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(
+                f"head_dim ({self.head_dim}) must be even: rotary embeddings rotate pairs of dimensions."
+            )
+        if self.router_aux_loss_coef < 0:
+            raise ValueError(
+                f"router_aux_loss_coef ({self.router_aux_loss_coef}) must be >= 0; use 0 to disable load balancing."
+            )
+
+    @property
+    def num_experts_per_group(self) -> int:
+        """M: query-head experts in each KV group."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def num_output_slots(self) -> int:
+        """S: head-sized slots concatenated before `o_proj` (G*k hard slots, plus weighted and shared for "gqe")."""
+        hard_slots = self.num_key_value_heads * self.num_experts_per_tok
+        return hard_slots + 2 if self.gqe_variant == "gqe" else hard_slots
+
+    @property
+    def active_query_heads(self) -> int:
+        """Query-attention computations per token: G*k routed heads plus the shared head for "gqe"."""
+        return self.num_key_value_heads * self.num_experts_per_tok + (1 if self.gqe_variant == "gqe" else 0)
+
+
+__all__ = ["GQEConfig"]

@@ -1,0 +1,580 @@
+# Copyright 2026 The GQE authors. Licensed under the Apache License, Version 2.0.
+"""Grouped Query Experts (GQE): a Llama-style decoder whose query heads are routed experts.
+
+Inside each grouped-query-attention group a router picks, per token, k of the group's M query-head experts.
+The selected queries are packed as k query heads per KV head and sent through ONE call of the configured
+attention backend (eager, sdpa, flash, flex), exactly like a GQA attention with k query heads per group:
+unselected experts are never attended. Keys and values stay dense, so the KV cache is GQA's.
+
+This file is self-contained (imports from `transformers` and `.configuration_gqe` only) so that it can
+travel inside a `trust_remote_code` checkpoint folder.
+
+Shapes: B batch, T query tokens, S key tokens, D hidden size, G KV heads (groups), M experts per group,
+k selected experts per group, d head_dim.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_gqe import GQEConfig
+
+
+class GQERMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class GQERotaryEmbedding(nn.Module):
+    def __init__(self, config: GQEConfig):
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+
+        self.rope_type = self.config.rope_parameters["rope_type"]
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(self.config)
+
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: GQEConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x):
+    """Rotates half the hidden dims of the input."""
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """Rotary position embedding on `q` and `k` laid out as [B, heads, T, d]; cos/sin are [B, T, d]."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
+
+
+class GQEMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, kv_heads, S, d] -> [B, kv_heads * n_rep, S, d], each KV head repeated for its n_rep query heads."""
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+):
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    attn_output = attn_output.transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def select_experts(router_probs: torch.Tensor, top_k: int, expert_routing: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick k experts per group from `router_probs` [..., G, M] (softmax over each group's M experts).
+
+    Returns `(top_probs, top_index)`, both [..., G, k]; `top_index` counts within the group (0..M-1).
+    "ranked": slot j holds the j-th most probable expert. "partitioned": the M experts form k consecutive
+    blocks and slot j holds the most probable expert of block j.
+    """
+    if expert_routing == "ranked":
+        return torch.topk(router_probs, top_k, dim=-1)
+    *lead, num_experts = router_probs.shape
+    block = num_experts // top_k
+    top_probs, index_in_block = router_probs.view(*lead, top_k, block).max(dim=-1)
+    block_start = torch.arange(0, num_experts, block, device=router_probs.device)
+    return top_probs, index_in_block + block_start
+
+
+class GQETopKRouter(nn.Module):
+    """Per-group softmax router: `x W_r` [.., G*M] -> probabilities over each group's M experts, in fp32."""
+
+    def __init__(self, config: GQEConfig):
+        super().__init__()
+        self.num_groups = config.num_key_value_heads
+        self.experts_per_group = config.num_experts_per_group
+        self.top_k = config.num_experts_per_tok
+        self.expert_routing = config.expert_routing
+        # Zero-initialised (paper): uniform probabilities at the start.
+        self.weight = nn.Parameter(torch.zeros(self.num_groups * self.experts_per_group, config.hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor):
+        # fp32 logits and softmax: the selection must not flip with bf16 rounding.
+        router_logits = F.linear(hidden_states.float(), self.weight.float())  # [B, T, G*M]
+        router_probs = router_logits.view(*router_logits.shape[:-1], self.num_groups, self.experts_per_group)
+        router_probs = router_probs.softmax(dim=-1)  # [B, T, G, M]
+        top_probs, top_index = select_experts(router_probs, self.top_k, self.expert_routing)  # [B, T, G, k]
+        return router_logits.reshape(-1, router_logits.shape[-1]), top_probs, top_index
+
+
+class GQESharedHeadAttention(nn.Module):
+    """What the attention backends read from a module, for the shared head's own call: one query head on one
+    KV head (the mean over groups of K and V). Holds no parameters: `q_shared` lives on `GQEAttention`."""
+
+    def __init__(self, config: GQEConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_key_value_groups = 1
+        self.is_causal = True
+
+
+class GQEAttention(nn.Module):
+    """Grouped Query Experts attention (SPEC "The layer").
+
+    Per token: the router picks k of the M experts of each of the G groups; the G*k selected queries are packed
+    group-major as G*k heads, k per KV head, and attended in one backend call with `num_key_value_groups = k`.
+    Output slots, concatenated and projected by `o_proj`: G*k hard slots (group-major, rank order), then for
+    the "gqe" variant the probability-weighted sum of the selected heads and the shared head.
+    """
+
+    def __init__(self, config: GQEConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_groups = config.num_key_value_heads
+        self.experts_per_group = config.num_experts_per_group
+        self.top_k = config.num_experts_per_tok
+        self.variant = config.gqe_variant
+        # Read by the attention backends: the packed call has k query heads per KV head.
+        self.num_key_value_groups = self.top_k
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+
+        d, D, bias = self.head_dim, config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(D, config.num_attention_heads * d, bias=bias)  # expert e = g*M + m
+        self.k_proj = nn.Linear(D, self.num_groups * d, bias=bias)
+        self.v_proj = nn.Linear(D, self.num_groups * d, bias=bias)
+        self.router = GQETopKRouter(config)
+        if self.variant == "gqe":
+            self.q_shared = nn.Linear(D, d, bias=bias)
+            self.shared_head_attention = GQESharedHeadAttention(config, layer_idx)
+        self.o_proj = nn.Linear(config.num_output_slots * d, D, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, seq_len = hidden_states.shape[:-1]
+        G, M, k, d = self.num_groups, self.experts_per_group, self.top_k, self.head_dim
+
+        _, top_probs, top_index = self.router(hidden_states)  # [B, T, G, k] each
+
+        # Only the selected experts' queries go on; the projection itself stays one dense matmul.
+        all_queries = self.q_proj(hidden_states).view(batch, seq_len, G, M, d)
+        selected = torch.gather(all_queries, 3, top_index.unsqueeze(-1).expand(-1, -1, -1, -1, d))  # [B,T,G,k,d]
+        query_states = selected.view(batch, seq_len, G * k, d)
+        if self.variant == "gqe":
+            query_states = torch.cat([query_states, self.q_shared(hidden_states).unsqueeze(2)], dim=2)
+        query_states = query_states.transpose(1, 2)  # [B, G*k (+1 shared), T, d]
+        key_states = self.k_proj(hidden_states).view(batch, seq_len, G, d).transpose(1, 2)  # [B, G, T, d]
+        value_states = self.v_proj(hidden_states).view(batch, seq_len, G, d).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        dropout = 0.0 if not self.training else self.attention_dropout
+        sliding_window = self.config.sliding_window
+
+        routed_output, attn_weights = attention_interface(
+            self,
+            query_states[:, : G * k],
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=dropout,
+            scaling=self.scaling,
+            sliding_window=sliding_window,
+            **kwargs,
+        )  # [B, T, G*k, d]
+        routed_output = routed_output.reshape(batch, seq_len, G, k, d)
+
+        if self.variant == "weighted_concat":
+            routed_output = routed_output * top_probs.unsqueeze(-1).to(routed_output.dtype)
+        slots = [routed_output.reshape(batch, seq_len, G * k * d)]
+
+        if self.variant == "gqe":
+            # Weighted slot: the router's gradient path from the LM loss. Weights normalised over all G*k picks.
+            weights = top_probs / top_probs.sum(dim=(-2, -1), keepdim=True)
+            slots.append((routed_output * weights.unsqueeze(-1).to(routed_output.dtype)).sum(dim=(2, 3)))
+            # Shared head: always on, attends to the mean over groups of the (cached, rotated) K and V.
+            shared_output, _ = attention_interface(
+                self.shared_head_attention,
+                query_states[:, G * k :],
+                key_states.mean(dim=1, keepdim=True),
+                value_states.mean(dim=1, keepdim=True),
+                attention_mask,
+                dropout=dropout,
+                scaling=self.scaling,
+                sliding_window=sliding_window,
+                **kwargs,
+            )  # [B, T, 1, d]
+            slots.append(shared_output.reshape(batch, seq_len, d))
+
+        attn_output = self.o_proj(torch.cat(slots, dim=-1))  # [B, T, D]
+        return attn_output, attn_weights
+
+
+class GQEDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: GQEConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = GQEAttention(config=config, layer_idx=layer_idx)
+        self.mlp = GQEMLP(config)
+        self.input_layernorm = GQERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = GQERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+
+@auto_docstring
+class GQEPreTrainedModel(PreTrainedModel):
+    config: GQEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GQEDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": GQEDecoderLayer,
+        "attentions": OutputRecorder(GQEAttention, index=1),
+        "router_logits": OutputRecorder(GQETopKRouter, index=0),
+    }
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, GQETopKRouter):
+            init.zeros_(module.weight)
+
+
+@auto_docstring
+class GQEModel(GQEPreTrainedModel):
+    def __init__(self, config: GQEConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [GQEDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = GQERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = GQERotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    @auto_docstring
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+
+        if inputs_embeds is None:
+            inputs_embeds: torch.Tensor = self.embed_tokens(input_ids)
+
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
+        causal_mask = mask_function(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+
+        hidden_states = self.norm(hidden_states)
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+def load_balancing_loss_func(
+    router_logits: tuple[torch.Tensor, ...] | None,
+    num_key_value_heads: int,
+    num_experts_per_tok: int,
+    expert_routing: str = "ranked",
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor | int:
+    r"""Per-group Switch load-balancing loss, summed over layers (SPEC step 5).
+
+    For each layer: mean over groups g of `M * sum_m f[g, m] * P[g, m]`, where f is the fraction of tokens whose
+    selection includes expert m of group g and P the mean router probability; padding tokens are excluded.
+
+    Args:
+        router_logits: one [B*T, G*M] tensor per layer (as recorded from `GQETopKRouter`).
+        num_key_value_heads: G.
+        num_experts_per_tok: k.
+        expert_routing: "ranked" or "partitioned", the selection rule used by the model.
+        attention_mask: [B, T] (or [B, past + T]: the last T columns are used), 1 for real tokens.
+    """
+    if router_logits is None or not isinstance(router_logits, tuple) or len(router_logits) == 0:
+        return 0
+
+    device = router_logits[0].device
+    num_tokens = router_logits[0].shape[0]
+    token_weights = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        seq_len = num_tokens // attention_mask.shape[0]
+        token_weights = attention_mask[:, -seq_len:].reshape(-1).to(device=device, dtype=torch.float32)
+        token_weights = token_weights / token_weights.sum().clamp(min=1.0)
+
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for layer_logits in router_logits:
+        router_probs = layer_logits.to(device).float().view(num_tokens, num_key_value_heads, -1).softmax(dim=-1)
+        experts_per_group = router_probs.shape[-1]
+        _, top_index = select_experts(router_probs, num_experts_per_tok, expert_routing)
+        selected = torch.zeros_like(router_probs).scatter_(-1, top_index, 1.0)  # [tokens, G, M]
+        if token_weights is None:
+            fraction_routed, mean_prob = selected.mean(dim=0), router_probs.mean(dim=0)  # [G, M]
+        else:
+            fraction_routed = torch.einsum("t,tgm->gm", token_weights, selected)
+            mean_prob = torch.einsum("t,tgm->gm", token_weights, router_probs)
+        total = total + experts_per_group * (fraction_routed * mean_prob).sum(dim=-1).mean()
+    return total
+
+
+@auto_docstring
+class GQEForCausalLM(GQEPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: GQEConfig):
+        super().__init__(config)
+        self.model = GQEModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    @auto_docstring
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeCausalLMOutputWithPast:
+        r"""
+        output_router_logits (`bool`, *optional*):
+            Return every layer's router logits and the load-balancing `aux_loss`. While training with `labels`
+            they are always collected, and `router_aux_loss_coef * aux_loss` is added to the loss.
+        """
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        balance_routing = labels is not None and self.training and self.config.router_aux_loss_coef > 0
+        output_router_logits = output_router_logits or balance_routing
+
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+
+        hidden_states = outputs.last_hidden_state
+        hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        aux_loss = None
+        if output_router_logits:
+            aux_loss = load_balancing_loss_func(
+                outputs.router_logits,
+                self.config.num_key_value_heads,
+                self.config.num_experts_per_tok,
+                self.config.expert_routing,
+                attention_mask,
+            )
+            if balance_routing:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+
+class GQEForSequenceClassification(GenericForSequenceClassification, GQEPreTrainedModel):
+    def __init__(self, config: GQEConfig):
+        # Build GQEModel directly: the generic head's `AutoModel.from_config` needs the Auto registration,
+        # which a `trust_remote_code` load does not have.
+        GQEPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = GQEModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+
+__all__ = [
+    "GQEPreTrainedModel",
+    "GQEModel",
+    "GQEForCausalLM",
+    "GQEForSequenceClassification",
+    "load_balancing_loss_func",
+]
