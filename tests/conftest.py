@@ -1,0 +1,59 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import modeling_gqe
+from modeling_gqe import GQEConfig, GQEForCausalLM
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def tiny_config(**overrides) -> GQEConfig:
+    """Two layers, 8 query-head experts in 2 KV groups (M = 4), head_dim 8."""
+    settings = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    settings.update(overrides)
+    return GQEConfig(**settings)
+
+
+def randomize_routers(model, std: float = 0.5, seed: int = 0):
+    """Routers start at zero (all ties); tests give them random weights so the selection is well defined."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("router.weight"):
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model
+
+
+def tiny_model(seed: int = 0, attn_implementation: str = "sdpa", **overrides) -> GQEForCausalLM:
+    torch.manual_seed(seed)
+    model = GQEForCausalLM(tiny_config(**overrides)).eval()
+    model.set_attn_implementation(attn_implementation)
+    return randomize_routers(model, seed=seed)
+
+
+@pytest.fixture
+def shakespeare_text() -> str:
+    path = SHARED_DATA / "tinyshakespeare.txt"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: the tests need ../shared/data beside the checkout")
+    return path.read_text()

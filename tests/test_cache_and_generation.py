@@ -1,0 +1,142 @@
+"""Cached decoding equals the full forward; generation, padding and causality behave as for a dense model."""
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
+
+from conftest import tiny_model
+
+
+VARIANTS = [("gqe", "ranked", 1), ("gqe", "ranked", 2), ("weighted_concat", "partitioned", 2), ("hard_concat", "ranked", 3)]
+
+
+def random_ids(batch, length, seed=0, vocab=97):
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant,routing,k", VARIANTS)
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_token_by_token_and_chunked_decoding_equal_full_forward(variant, routing, k, backend):
+    model = tiny_model(attn_implementation=backend, gqe_variant=variant, expert_routing=routing, num_experts_per_tok=k)
+    input_ids = random_ids(2, 14)
+    with torch.no_grad():
+        full = model(input_ids).logits
+
+        cache = DynamicCache(config=model.config)
+        stepwise = [model(input_ids[:, t : t + 1], past_key_values=cache).logits for t in range(14)]
+        torch.testing.assert_close(torch.cat(stepwise, dim=1), full, atol=1e-5, rtol=1e-5)
+
+        cache = DynamicCache(config=model.config)
+        chunks = [model(input_ids[:, a:b], past_key_values=cache).logits for a, b in [(0, 5), (5, 6), (6, 11), (11, 14)]]
+        torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_static_cache_decoding_equals_full_forward():
+    model = tiny_model()
+    input_ids = random_ids(1, 10)
+    with torch.no_grad():
+        full = model(input_ids).logits
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        prefill = model(input_ids[:, :6], past_key_values=cache, cache_position=torch.arange(6)).logits
+        steps = [
+            model(input_ids[:, t : t + 1], past_key_values=cache, cache_position=torch.tensor([t])).logits
+            for t in range(6, 10)
+        ]
+    torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_greedy_generate_same_with_and_without_cache(backend):
+    model = tiny_model(attn_implementation=backend)
+    input_ids = random_ids(2, 6)
+    with torch.no_grad():
+        cached = model.generate(input_ids, max_new_tokens=12, do_sample=False, use_cache=True)
+        uncached = model.generate(input_ids, max_new_tokens=12, do_sample=False, use_cache=False)
+        static = model.generate(input_ids, max_new_tokens=12, do_sample=False, cache_implementation="static")
+    assert cached.shape == (2, 18)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, static)
+
+
+def test_sampling_and_beam_search_run_and_are_reproducible():
+    model = tiny_model()
+    input_ids = random_ids(1, 5)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        first = model.generate(input_ids, max_new_tokens=8, do_sample=True, top_k=20)
+        torch.manual_seed(7)
+        second = model.generate(input_ids, max_new_tokens=8, do_sample=True, top_k=20)
+        beams = model.generate(input_ids, max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False)
+        greedy = model.generate(input_ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(first, second) and first.shape == (1, 13)
+    assert beams.shape == (2, 13)
+    # Beam search scores whole sequences: its best beam is at least as likely as greedy's.
+    def sequence_logprob(sequence):
+        with torch.no_grad():
+            logprobs = model(sequence[None]).logits.log_softmax(-1)[0, 4:-1]
+        return logprobs.gather(-1, sequence[5:, None]).sum()
+    assert sequence_logprob(beams[0]) >= sequence_logprob(greedy[0]) - 1e-4
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_left_padded_batch_equals_each_row_alone(backend):
+    model = tiny_model(attn_implementation=backend)
+    short, long = random_ids(1, 4, seed=1)[0], random_ids(1, 9, seed=2)[0]
+    pad = model.config.pad_token_id
+    input_ids = torch.stack([torch.cat([torch.full((5,), pad), short]), long])
+    attention_mask = torch.stack([torch.cat([torch.zeros(5), torch.ones(4)]), torch.ones(9)]).long()
+    with torch.no_grad():
+        batched = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False)
+        alone_short = model.generate(short[None], max_new_tokens=6, do_sample=False)
+        alone_long = model.generate(long[None], max_new_tokens=6, do_sample=False)
+        # logits of the real tokens too, with position ids as generate computes them
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        padded_logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        short_logits = model(short[None]).logits
+    assert torch.equal(batched[0, 5:], alone_short[0])
+    assert torch.equal(batched[1], alone_long[0])
+    torch.testing.assert_close(padded_logits[0, 5:], short_logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_later_tokens_never_change_earlier_logits():
+    model = tiny_model(num_experts_per_tok=2)
+    input_ids = random_ids(1, 12)
+    changed = input_ids.clone()
+    changed[0, 7:] = random_ids(1, 5, seed=9)[0]
+    with torch.no_grad():
+        a, b = model(input_ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :7], b[:, :7], atol=0, rtol=0)
+    assert (a[:, 7:] - b[:, 7:]).abs().max() > 1e-3
+
+
+def test_logits_to_keep():
+    model = tiny_model()
+    input_ids = random_ids(2, 8)
+    with torch.no_grad():
+        full = model(input_ids).logits
+        last = model(input_ids, logits_to_keep=1).logits
+    assert last.shape == (2, 1, model.config.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=1e-6)
+
+
+def test_kv_cache_has_exactly_the_bytes_of_the_same_shape_gqa_model():
+    model = tiny_model(num_experts_per_tok=1)
+    config = model.config
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads,
+        )
+    ).eval()
+    input_ids = random_ids(2, 11)
+
+    def cache_bytes(cache):
+        return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+    with torch.no_grad():
+        gqe_cache = model(input_ids, use_cache=True).past_key_values
+        gqa_cache = llama(input_ids, use_cache=True).past_key_values
+    G, d, L = config.num_key_value_heads, config.head_dim, config.num_hidden_layers
+    assert cache_bytes(gqe_cache) == cache_bytes(gqa_cache) == L * 2 * 2 * G * 11 * d * 4
+    assert [tuple(layer.keys.shape) for layer in gqe_cache.layers] == [(2, G, 11, d)] * L

@@ -1,0 +1,57 @@
+"""With partitioned routing, k = M and "hard_concat", GQE is exactly the GQA model (SPEC)."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from modeling_gqe import GQEConfig, GQEForCausalLM
+
+
+def llama_and_gqe(attention_bias: bool, tie: bool):
+    torch.manual_seed(0)
+    llama_config = LlamaConfig(
+        vocab_size=101, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=8,
+        num_key_value_heads=2, attention_bias=attention_bias, tie_word_embeddings=tie,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+    )
+    llama = LlamaForCausalLM(llama_config).eval()
+    if attention_bias:
+        with torch.no_grad():
+            for name, param in llama.named_parameters():
+                if name.endswith("bias"):
+                    param.normal_(0, 0.1)
+    gqe_config = GQEConfig(
+        **{key: llama_config.to_dict()[key] for key in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "attention_bias", "tie_word_embeddings", "rope_parameters", "rms_norm_eps")},
+        num_experts_per_tok=4, expert_routing="partitioned", gqe_variant="hard_concat",
+    )
+    gqe = GQEForCausalLM(gqe_config).eval()
+    missing, unexpected = gqe.load_state_dict(llama.state_dict(), strict=False)
+    assert unexpected == []
+    assert sorted(missing) == sorted(f"model.layers.{i}.self_attn.router.weight" for i in range(3))
+    with torch.no_grad():  # any router gives the same result: each block holds a single expert
+        for layer in gqe.model.layers:
+            layer.self_attn.router.weight.normal_()
+    return llama, gqe
+
+
+@pytest.mark.parametrize("attention_bias,tie", [(False, False), (True, True)])
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_gqe_equals_llama_at_k_equals_m(attention_bias, tie, backend):
+    llama, gqe = llama_and_gqe(attention_bias, tie)
+    llama.set_attn_implementation(backend)
+    gqe.set_attn_implementation(backend)
+    input_ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0
+    with torch.no_grad():
+        expected = llama(input_ids, attention_mask=attention_mask).logits
+        actual = gqe(input_ids, attention_mask=attention_mask).logits
+    keep = attention_mask.bool()
+    torch.testing.assert_close(actual[keep], expected[keep], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(
+            llama.generate(input_ids[:1], max_new_tokens=8, do_sample=False),
+            gqe.generate(input_ids[:1], max_new_tokens=8, do_sample=False),
+        )

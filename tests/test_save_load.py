@@ -1,0 +1,82 @@
+"""Checkpoints round-trip: in-process Auto classes, and trust_remote_code folders in a clean process."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from conftest import tiny_model
+from modeling_gqe import GQEForSequenceClassification, GQEModel
+
+
+def test_save_and_auto_load_reproduce_logits(tmp_path):
+    model = tiny_model(num_experts_per_tok=2)
+    model.save_pretrained(tmp_path)
+    input_ids = torch.randint(3, 97, (2, 10))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(model)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids).logits, model(input_ids).logits, atol=0, rtol=0)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), GQEModel)
+    assert isinstance(AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3), GQEForSequenceClassification)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "gqe"
+
+
+def test_loaded_weights_are_never_reinitialised(tmp_path):
+    """The router is zero-initialised in a new model but must keep its trained values after loading."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert saved["model.layers.0.self_attn.router.weight"].abs().sum() > 0
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for name, tensor in reloaded.state_dict().items():
+        if name in saved:
+            assert torch.equal(tensor, saved[name]), name
+    fresh = type(model)(model.config)
+    assert fresh.model.layers[0].self_attn.router.weight.abs().sum() == 0
+
+
+def test_save_pretrained_writes_auto_map_and_standalone_files(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "gqe"
+    assert config["auto_map"]["AutoConfig"] == "configuration_gqe.GQEConfig"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_gqe.GQEForCausalLM"
+    assert (tmp_path / "configuration_gqe.py").exists() and (tmp_path / "modeling_gqe.py").exists()
+
+
+def test_trust_remote_code_folder_loads_in_a_process_that_never_imports_the_package(tmp_path):
+    folder = tmp_path / "checkpoint"
+    model = tiny_model(num_experts_per_tok=2, gqe_variant="gqe")
+    model.save_pretrained(folder)
+    input_ids = torch.randint(3, 97, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    torch.save({"input_ids": input_ids, "expected": expected}, tmp_path / "io.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert "modeling_gqe" not in sys.modules, "the package must not be imported"
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        data = torch.load({str(tmp_path / "io.pt")!r})
+        with torch.no_grad():
+            logits = model(data["input_ids"]).logits
+        torch.testing.assert_close(logits, data["expected"], atol=0, rtol=0)
+        print("remote-code-ok", type(model).__name__)
+        """
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    # Run from an empty folder so that the repository is not on sys.path.
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env={k: v for k, v in env.items() if k != "PYTHONPATH"},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote-code-ok GQEForCausalLM" in result.stdout
