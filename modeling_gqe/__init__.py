@@ -21,6 +21,7 @@ from .modeling_gqe import (
     GQEPreTrainedModel,
     load_balancing_loss_func,
 )
+from .trainer_callbacks import GQERoutingCallback
 
 
 AutoConfig.register("gqe", GQEConfig, exist_ok=True)
@@ -40,4 +41,5 @@ __all__ = [
     "GQEForCausalLM",
     "GQEForSequenceClassification",
     "load_balancing_loss_func",
+    "GQERoutingCallback",
 ]
