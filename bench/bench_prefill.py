@@ -1,0 +1,216 @@
+"""Prefill speed of GQE against dense GQA (transformers' own Llama) of the same shape, in one process.
+
+Paper shape: hidden 1024, 16 query-head experts, 8 KV heads, head_dim 64, k = 1, variant "gqe": 8 routed +
+1 shared = 9 of 16 query-attention computations per token (ceiling 16/9 = 1.78x on the attention alone).
+
+For each context length, GQE and Llama are timed in alternation, --repeats pairs, reported as the median of
+the per-pair ratios Llama time / GQE time, on three levels:
+- kernel: the attention calls alone (SDPA on the tensors each model feeds it); ceiling 16/9 = 1.78x,
+- attention: the whole attention module (projections, RoPE, router, gather, both calls, slots, o_proj);
+  its FLOP ceiling is lower, since the K/V/Q projections are nearly the same in both (column "FLOP ceiling"),
+- model: a whole small model (--model-layers layers, up to --model-max-length tokens).
+Then a profile of one GQE attention prefill showing where its time goes.
+
+    python bench/bench_prefill.py                       # CPU, fp32, 1k to 16k
+    python bench/bench_prefill.py --device cuda --dtype bfloat16 --lengths 4096 8192 16384 32768 \
+        --backends sdpa flash_attention_2
+"""
+
+import argparse
+import platform
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaAttention
+
+from modeling_gqe import GQEConfig, GQEForCausalLM
+from modeling_gqe.modeling_gqe import GQEAttention
+
+
+PAPER_SHAPE = dict(
+    hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, head_dim=64, intermediate_size=2816,
+    vocab_size=32000, max_position_embeddings=65536,
+)
+
+
+def configs(layers: int, backend: str):
+    gqe = GQEConfig(**PAPER_SHAPE, num_hidden_layers=layers, num_experts_per_tok=1, gqe_variant="gqe")
+    llama = LlamaConfig(**PAPER_SHAPE, num_hidden_layers=layers)
+    for config in (gqe, llama):
+        config._attn_implementation = backend
+    return gqe, llama
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def compare(gqe_fn, llama_fn, device, repeats: int) -> tuple[float, float, float]:
+    """Alternate GQE and Llama runs (after three warm-ups of each). Returns the median seconds of each and the
+    median of the per-pair ratios Llama / GQE: the two runs of a pair are adjacent in time, so the ratio is
+    robust to the slow drifts of a shared machine."""
+    for _ in range(3):  # warm-up: allocator, kernel selection, first-touch of new buffer sizes
+        gqe_fn(), llama_fn()
+    gqe_times, llama_times = [], []
+    for repeat in range(repeats):
+        pair = (gqe_fn, llama_fn) if repeat % 2 == 0 else (llama_fn, gqe_fn)  # neither always goes first
+        first, second = timed(pair[0], device), timed(pair[1], device)
+        gqe_time, llama_time = (first, second) if repeat % 2 == 0 else (second, first)
+        gqe_times.append(gqe_time)
+        llama_times.append(llama_time)
+    ratio = statistics.median(llama / gqe for llama, gqe in zip(llama_times, gqe_times))
+    return statistics.median(gqe_times), statistics.median(llama_times), ratio
+
+
+def module_flop_ceiling(length: int) -> float:
+    """Llama / GQE multiply-adds per token of one attention module with causal prefill (keys seen: ~T/2)."""
+    D, H, G, d = PAPER_SHAPE["hidden_size"], PAPER_SHAPE["num_attention_heads"], PAPER_SHAPE["num_key_value_heads"], PAPER_SHAPE["head_dim"]
+    active = G * 1 + 1  # k = 1 routed per group + shared head
+    per_head_attention = 2 * d * (length + 1) / 2  # QK^T and PV over the causal half
+    llama = D * H * d + 2 * D * G * d + H * d * D + H * per_head_attention
+    gqe = D * H * d + 2 * D * G * d + D * d + D * G * 2 + (G + 2) * d * D + active * per_head_attention
+    return llama / gqe
+
+
+def kernel_inputs(length, device, dtype):
+    """The tensors the attention kernel sees: Llama's 16 query heads on 8 KV heads; GQE's 8 routed heads on
+    the same 8 KV heads plus the shared head on the mean K/V."""
+    d, G, H = PAPER_SHAPE["head_dim"], PAPER_SHAPE["num_key_value_heads"], PAPER_SHAPE["num_attention_heads"]
+    shape = lambda heads: torch.randn(1, heads, length, d, device=device, dtype=dtype)
+    return shape(H), shape(G), shape(G), shape(G), shape(1), shape(1), shape(1)
+
+
+def attention_inputs(model, length, device, dtype):
+    hidden = torch.randn(1, length, PAPER_SHAPE["hidden_size"], device=device, dtype=dtype)
+    position_ids = torch.arange(length, device=device)[None]
+    position_embeddings = model.model.rotary_emb(hidden, position_ids)
+    return hidden, position_embeddings
+
+
+def random_router(model):
+    # A trained router is not uniform; give it random weights so routing decisions vary per token.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, GQEAttention):
+                module.router.weight.normal_(0, 0.05)
+
+
+def build(layers, backend, device, dtype):
+    gqe_config, llama_config = configs(layers, backend)
+    torch.manual_seed(0)
+    gqe = GQEForCausalLM(gqe_config)
+    random_router(gqe)
+    llama = LlamaForCausalLM(llama_config)
+    return gqe.to(device, dtype).eval(), llama.to(device, dtype).eval()
+
+
+def profile_attention(attention, hidden, position_embeddings) -> dict[str, float]:
+    """Share of one GQE attention prefill spent in each piece, from torch.profiler's CPU op times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        attention(hidden, position_embeddings)
+    buckets = defaultdict(float)
+    group_size = PAPER_SHAPE["num_attention_heads"] // PAPER_SHAPE["num_key_value_heads"]
+    router_width = PAPER_SHAPE["num_key_value_heads"] * group_size
+    for event in prof.key_averages(group_by_input_shape=True):
+        name, shapes = event.key, event.input_shapes
+        if name in ("aten::scaled_dot_product_attention", "aten::matmul") and shapes and len(shapes[0]) == 4:
+            bucket = "shared-head attention" if shapes[0][1] == 1 else "routed attention (G*k heads)"
+        elif name == "aten::linear" and shapes and len(shapes) > 1 and shapes[1] and shapes[1][0] == router_width:
+            bucket = "router (linear + softmax + top-k)"
+        elif name in ("aten::softmax", "aten::_softmax", "aten::topk", "aten::max") and shapes and shapes[0] and shapes[0][-1] <= group_size:
+            bucket = "router (linear + softmax + top-k)"
+        elif name == "aten::gather":
+            bucket = "gather selected queries"
+        elif name == "aten::mean":
+            bucket = "mean K/V for the shared head"
+        elif name == "aten::linear":
+            bucket = "projections (q, k, v, q_shared, o)"
+        else:
+            continue
+        buckets[bucket] += event.self_cpu_time_total
+        if name in ("aten::scaled_dot_product_attention", "aten::linear", "aten::matmul"):
+            buckets[bucket] += event.cpu_time_total - event.self_cpu_time_total
+    total = prof.key_averages().self_cpu_time_total
+    buckets["other (rope, cat, reshapes)"] = max(0.0, total - sum(buckets.values()))
+    return {key: value / total for key, value in sorted(buckets.items(), key=lambda kv: -kv[1])}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--model-layers", type=int, default=2, help="layers of the whole-model comparison")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--backends", nargs="+", default=["sdpa"])
+    parser.add_argument("--skip-model", action="store_true", help="attention module only")
+    parser.add_argument("--model-max-length", type=int, default=8192, help="longest whole-model comparison")
+    args = parser.parse_args()
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    ceiling = PAPER_SHAPE["num_attention_heads"] / 9
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"# torch {torch.__version__}, {where}, {args.dtype}, {args.repeats} alternating pairs: median times and "
+          f"median of per-pair speed-ups (Llama / GQE); kernel ceiling {ceiling:.2f}x")
+    print("| backend | tokens | kernel GQE ms | kernel Llama ms | kernel speed-up | attention GQE ms | attention Llama ms "
+          "| attention speed-up | attention FLOP ceiling | model GQE ms | model Llama ms | model speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for backend in args.backends:
+        gqe, llama = build(args.model_layers, backend, device, dtype)
+        gqe_attention, llama_attention = gqe.model.layers[0].self_attn, llama.model.layers[0].self_attn
+        assert isinstance(gqe_attention, GQEAttention) and isinstance(llama_attention, LlamaAttention)
+        for length in args.lengths:
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            q16, q8, k8, v8, q1, k1, v1 = kernel_inputs(length, device, dtype)
+            with torch.no_grad():
+                kernel_gqe, kernel_llama, kernel_ratio = compare(
+                    lambda: (sdpa(q8, k8, v8, is_causal=True), sdpa(q1, k1, v1, is_causal=True)),
+                    lambda: sdpa(q16, k8, v8, is_causal=True, enable_gqa=True),
+                    device, args.repeats,
+                )
+            del q16, q8, k8, v8, q1, k1, v1
+            row = f"| {backend} | {length} | {kernel_gqe * 1e3:.1f} | {kernel_llama * 1e3:.1f} | {kernel_ratio:.2f}x |"
+            hidden, position_embeddings = attention_inputs(gqe, length, device, dtype)
+            with torch.no_grad():
+                attn_gqe, attn_llama, attn_ratio = compare(
+                    lambda: gqe_attention(hidden, position_embeddings),
+                    lambda: llama_attention(hidden, position_embeddings),
+                    device, args.repeats,
+                )
+                row += f" {attn_gqe * 1e3:.1f} | {attn_llama * 1e3:.1f} | {attn_ratio:.2f}x | {module_flop_ceiling(length):.2f}x |"
+                if args.skip_model or length > args.model_max_length:
+                    row += " - | - | - |"
+                else:
+                    input_ids = torch.randint(0, PAPER_SHAPE["vocab_size"], (1, length), device=device)
+                    model_gqe, model_llama, model_ratio = compare(
+                        lambda: gqe.model(input_ids, use_cache=False),
+                        lambda: llama.model(input_ids, use_cache=False),
+                        device, args.repeats,
+                    )
+                    row += f" {model_gqe * 1e3:.1f} | {model_llama * 1e3:.1f} | {model_ratio:.2f}x |"
+            print(row, flush=True)
+        if device.type == "cpu":
+            for length in (args.lengths[0], args.lengths[-1]):
+                hidden, position_embeddings = attention_inputs(gqe, length, device, dtype)
+                shares = profile_attention(gqe_attention, hidden, position_embeddings)
+                print(f"\nWhere one GQE attention prefill spends its time ({backend}, {length} tokens):")
+                for bucket, share in shares.items():
+                    print(f"- {bucket}: {share:.1%}")
+
+
+if __name__ == "__main__":
+    main()
