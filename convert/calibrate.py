@@ -1,12 +1,18 @@
-"""Calibration of a sparse GQE conversion: routers and slot output projections fitted layer by layer.
+"""Sparse conversion: fewer active query heads, repaired by a layer-wise fit on calibration text.
 
-A sparse conversion keeps K of the r query heads of each group per token. Two things are lost: the dropped
-heads' contributions, and each head's own output projection (a GQE hard slot has one projection, whichever
-expert fills it). Both are repaired, layer by layer, on the converted model's own activations:
+A sparse conversion keeps K of the r query heads of each KV group per token (plus the shared head). Two things
+are lost: the dropped heads' contributions, and each head's own output projection (a GQE hard slot has one
+projection, whichever expert fills it). The layout limits the second loss and the fit repairs the rest:
 
-1. Router: per token, how much each source head contributes (the norm of its projected output) is what an
-   oracle would route on. The router is a ridge regression from the layer's normalised input onto the
-   centred log of those norms, so it learns to pick, per token, the heads that matter most.
+Layout (partitioned routing). The group's r heads are split into K blocks, the most important heads in the
+smallest blocks; slot j holds the top-1 of block j. With r = 3, K = 2 the most important head has a slot of its
+own (its block is padded with a copy of it, so it keeps its exact projection) and the two others share one.
+Blocks are chosen per layer from the heads' average contribution on the calibration text.
+
+Fit, layer by layer, on the converted model's own activations:
+1. Router: per token, how much each head contributes (the norm of its projected output) is what an oracle
+   would route on. The router is a ridge regression from the layer's normalised input onto the log of those
+   norms, centred within each block, so it learns to pick the head that matters most for this token.
 2. Output projection: with the router set, the GQE layer's slot features (G*K hard slots, the weighted slot,
    the shared head) are a fixed function of the input, and the source attention's output is the target.
    `o_proj` is their ridge-regression fit: the best linear read-out of the kept heads, which also lets the
@@ -19,6 +25,54 @@ import math
 
 import torch
 from tqdm.auto import tqdm
+
+
+def sparse_blocks(heads_by_importance: list[int], top_k: int) -> list[list[int]]:
+    """Split a group's heads (most important first) into `top_k` blocks for partitioned routing, the most
+    important heads in the smallest blocks; each block is padded with copies of its first head to equal width.
+
+    >>> sparse_blocks([2, 0, 1], 2)
+    [[2, 2], [0, 1]]
+    """
+    r = len(heads_by_importance)
+    base, extra = divmod(r, top_k)
+    sizes = [base] * (top_k - extra) + [base + 1] * extra
+    width = -(-r // top_k)
+    blocks, start = [], 0
+    for size in sizes:
+        block = heads_by_importance[start : start + size]
+        blocks.append(block + [block[0]] * (width - size))
+        start += size
+    return blocks
+
+
+@torch.no_grad()
+def set_sparse_experts(attn, source_attn, blocks_per_group: list[list[list[int]]]) -> torch.Tensor:
+    """Lay the source heads out as experts: expert g*M + j*width + p is head `blocks_per_group[g][j][p]` of
+    group g. Copies its query weights and starts slot (g, j) with the mean output projection of its block.
+    Returns the source head index of every expert, [G*M]."""
+    G, d = attn.num_groups, attn.head_dim
+    H = source_attn.q_proj.weight.shape[0] // d
+    r = H // G
+    expert_heads = torch.tensor(
+        [g * r + head for g, blocks in enumerate(blocks_per_group) for block in blocks for head in block]
+    )
+    attn.q_proj.weight.copy_(source_attn.q_proj.weight.view(H, d, -1)[expert_heads].reshape(-1, attn.q_proj.in_features))
+    if attn.q_proj.bias is not None:
+        source_bias = source_attn.q_proj.bias
+        bias = source_bias.view(H, d)[expert_heads] if source_bias is not None else torch.zeros(len(expert_heads), d)
+        attn.q_proj.bias.copy_(bias.reshape(-1))
+    o_weight = source_attn.o_proj.weight.view(-1, H, d)  # [D, H, d]
+    o_proj = torch.zeros_like(attn.o_proj.weight).view(o_weight.shape[0], -1, d)
+    for g, blocks in enumerate(blocks_per_group):
+        for j, block in enumerate(blocks):
+            distinct = sorted({g * r + head for head in block})
+            o_proj[:, g * len(blocks) + j] = o_weight[:, distinct].mean(1)
+    attn.o_proj.weight.copy_(o_proj.view(o_weight.shape[0], -1))
+    if attn.o_proj.bias is not None:
+        source_bias = source_attn.o_proj.bias
+        attn.o_proj.bias.copy_(source_bias if source_bias is not None else torch.zeros_like(attn.o_proj.bias))
+    return expert_heads
 
 
 def split_calibration_text(tokenizer, text: str, fit_tokens: int, seq_len: int = 256, held_out_tokens: int = 8192):
@@ -67,20 +121,30 @@ def capture_input(module):
 
 @torch.no_grad()
 def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, seed: int = 0,
-                     router_ridge: float = 1e-2, output_ridge: float = 1e-4) -> None:
-    """Fit routers and o_proj of `model` (sparse GQE built from `source`) on `fit_ids` [n, T], in place."""
+                     router_ridge: float = 1e-3, output_ridge: float = 3e-4, target: str = "local") -> None:
+    """Fit routers and o_proj of `model` (sparse GQE built from `source`) on `fit_ids` [n, T], in place.
+
+    target="local": each converted attention layer mimics the source attention on the same (converted) input.
+    target="trajectory": it is fitted so that the residual stream after it matches the source model's own
+    residual stream at that point, which also corrects the drift that earlier layers left behind.
+    """
+    if target not in ("local", "trajectory"):
+        raise ValueError(f"target must be 'local' or 'trajectory', got {target!r}")
     torch.manual_seed(seed)
     for network in (source, model):
         network.eval()
         network.set_attn_implementation("sdpa")  # mask-free causal attention below relies on sdpa's is_causal
     config = model.config
-    G, M, H = config.num_key_value_heads, config.num_experts_per_group, source.config.num_attention_heads
+    G, M, k = config.num_key_value_heads, config.num_experts_per_group, config.num_experts_per_tok
+    H = source.config.num_attention_heads
+    r = H // G
     d = config.head_dim
     seq_len = fit_ids.shape[1]
     position_ids = torch.arange(seq_len)[None]
 
     batches = list(fit_ids.split(batch_size))
     hidden = [model.model.embed_tokens(batch) for batch in batches]  # converted residual stream, per batch
+    source_hidden = list(hidden)  # the source's residual stream (same embeddings)
     position_embeddings = model.model.rotary_emb(hidden[0], position_ids)
 
     for source_layer, layer in tqdm(
@@ -90,30 +154,40 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
         o_weight = source_attn.o_proj.weight.view(-1, H, d)  # [D, H, d]
         normed = [layer.input_layernorm(x) for x in hidden]
 
-        # 1. Router: regress per-head log contribution norms on the normalised input.
-        targets, router_gram, router_cross = [], 0.0, 0.0
+        # 1. Per-head contributions of the source attention on this input; they choose the blocks and are the
+        #    router's regression target (log norm, centred within each block).
+        targets, log_norms = [], []
         store, handle = capture_input(source_attn.o_proj)
-        for h in normed:
-            target = source_attn(h, position_embeddings=position_embeddings, attention_mask=None)[0]
-            targets.append(target)
+        for h, x, x_source in zip(normed, hidden, source_hidden):
+            if target == "trajectory":
+                source_normed = source_layer.input_layernorm(x_source)
+                source_mid = x_source + source_attn(source_normed, position_embeddings=position_embeddings)[0]
+                targets.append(source_mid - x)
+            source_output = source_attn(h, position_embeddings=position_embeddings, attention_mask=None)[0]
+            if target == "local":
+                targets.append(source_output)
             head_outputs = store["input"].view(*h.shape[:2], H, d)  # [b, T, H, d]
             contribution = torch.einsum("bthd,ohd->btho", head_outputs, o_weight).norm(dim=-1)  # [b, T, H]
-            log_norm = contribution.clamp(min=1e-6).log().view(*h.shape[:2], G, M)
-            log_norm = log_norm - log_norm.mean(dim=-1, keepdim=True)
-            x = h.reshape(-1, h.shape[-1]).double()
-            router_gram = router_gram + x.T @ x
-            router_cross = router_cross + x.T @ log_norm.reshape(x.shape[0], G * M).double()
+            log_norms.append(contribution.clamp(min=1e-6).log().reshape(-1, H))
         handle.remove()
-        attn.router.weight.copy_(ridge_solve(router_gram, router_cross, router_ridge).T.to(attn.router.weight.dtype))
+        log_norm = torch.cat(log_norms)  # [tokens, H]
+        importance = log_norm.exp().mean(0).view(G, r)
+        blocks = [sparse_blocks(importance[g].argsort(descending=True).tolist(), k) for g in range(G)]
+        expert_heads = set_sparse_experts(attn, source_attn, blocks)  # [G*M]
+        router_target = log_norm[:, expert_heads].view(-1, G, k, M // k)
+        router_target = (router_target - router_target.mean(dim=-1, keepdim=True)).view(-1, G * M).double()
+        x = torch.cat([h.reshape(-1, h.shape[-1]) for h in normed]).double()
+        router = ridge_solve(x.T @ x, x.T @ router_target, router_ridge)
+        attn.router.weight.copy_(router.T.to(attn.router.weight.dtype))
 
         # 2. Output projection: regress the source attention output on the GQE slot features.
         bias = attn.o_proj.bias
         output_gram, output_cross = 0.0, 0.0
         store, handle = capture_input(attn.o_proj)
-        for h, target in zip(normed, targets):
+        for h, wanted in zip(normed, targets):
             attn(h, position_embeddings=position_embeddings, attention_mask=None)
             features = store["input"].reshape(-1, store["input"].shape[-1]).double()
-            y = target.reshape(-1, target.shape[-1]).double()
+            y = wanted.reshape(-1, wanted.shape[-1]).double()
             if bias is not None:
                 y = y - bias.double()
             output_gram = output_gram + features.T @ features
@@ -126,3 +200,8 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
             layer(x, position_embeddings=position_embeddings, position_ids=position_ids, attention_mask=None)
             for x in hidden
         ]
+        if target == "trajectory":
+            source_hidden = [
+                source_layer(x, position_embeddings=position_embeddings, position_ids=position_ids, attention_mask=None)
+                for x in source_hidden
+            ]

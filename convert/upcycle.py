@@ -47,7 +47,7 @@ class UpcycleOptions:
     noise: float = 0.0
     top_k: int | None = None
     calibration_file: str | None = None
-    calibration_tokens: int = 32768
+    calibration_tokens: int = 16384
     gguf_file: str | None = None
     dtype: str = "float32"
     force: bool = False
@@ -216,7 +216,10 @@ def build_exact(source, copies: int, noise: float, seed: int) -> GQEForCausalLM:
 
 
 def build_sparse_initial(source, top_k: int) -> GQEForCausalLM:
-    """Sparse GQE with each source head as an expert; o_proj, router and shared head are then calibrated."""
+    """Sparse GQE: K slots per group over partitioned blocks of the source heads (see `calibrate.py`).
+    Blocks start in head order; calibration re-chooses them by importance and fits routers and o_proj."""
+    from .calibrate import set_sparse_experts, sparse_blocks
+
     src = source.config
     H, G = src.num_attention_heads, src.num_key_value_heads
     r = H // G
@@ -225,29 +228,19 @@ def build_sparse_initial(source, top_k: int) -> GQEForCausalLM:
             f"--top-k {top_k} is outside the source's heads: each KV group has r = {r} query heads, and sparse "
             f"mode keeps K in [1, {r - 1}] of them per token (K = {r} keeps all: use --mode exact)."
         )
+    width = -(-r // top_k)
     config = gqe_config_from_source(
-        src, num_attention_heads=H, num_experts_per_tok=top_k, expert_routing="ranked", gqe_variant="gqe"
+        src, num_attention_heads=G * top_k * width, num_experts_per_tok=top_k, expert_routing="partitioned",
+        gqe_variant="gqe",
     )
     model = GQEForCausalLM(config).eval()
     copy_shared_weights(source, model)
-    d = config.head_dim
+    blocks = [sparse_blocks(list(range(r)), top_k) for _ in range(G)]
     with torch.no_grad():
         for source_layer, layer in zip(source.model.layers, model.model.layers):
-            q_weight, q_bias, o_weight, o_bias = source_attention_weights(source_layer, H, d)
-            attn = layer.self_attn
-            attn.q_proj.weight.copy_(source_layer.self_attn.q_proj.weight)
-            if attn.q_proj.bias is not None:
-                attn.q_proj.bias.copy_(q_bias.reshape(-1) if q_bias is not None else torch.zeros_like(attn.q_proj.bias))
-            init_shared_head(attn, q_weight, q_bias)
-            # Before calibration: slot j of group g uses the mean projection of the group's heads, scaled so
-            # that K slots stand in for r heads.
-            group_mean = o_weight.view(o_weight.shape[0], G, r, d).mean(2) * (r / top_k)  # [D, G, d]
-            o_proj = torch.zeros_like(attn.o_proj.weight).view(o_weight.shape[0], -1, d)
-            for g in range(G):
-                o_proj[:, g * top_k : (g + 1) * top_k] = group_mean[:, g : g + 1]
-            attn.o_proj.weight.copy_(o_proj.view(o_weight.shape[0], -1))
-            if attn.o_proj.bias is not None:
-                attn.o_proj.bias.copy_(o_bias if o_bias is not None else torch.zeros_like(attn.o_proj.bias))
+            set_sparse_experts(layer.self_attn, source_layer.self_attn, blocks)
+            q_weight, q_bias, _, _ = source_attention_weights(source_layer, H, config.head_dim)
+            init_shared_head(layer.self_attn, q_weight, q_bias)
     return model
 
 
@@ -418,7 +411,7 @@ def main(argv=None) -> int:
     parser.add_argument("--noise", type=float, default=0.0, help="exact: relative std of noise on copies")
     parser.add_argument("--top-k", type=int, help="sparse: query heads kept per KV group and token")
     parser.add_argument("--calibration-file", help="text file for the sparse fit (its tail is held out)")
-    parser.add_argument("--calibration-tokens", type=int, default=32768, help="tokens used for the fit")
+    parser.add_argument("--calibration-tokens", type=int, default=16384, help="tokens used for the fit")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
