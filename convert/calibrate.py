@@ -205,3 +205,22 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
                 source_layer(x, position_embeddings=position_embeddings, position_ids=position_ids, attention_mask=None)
                 for x in source_hidden
             ]
+
+
+@torch.no_grad()
+def head_dropping_baseline(source, keep_per_group: int, seed: int = 0):
+    """The naive alternative to a calibrated sparse conversion: a copy of the source in which, in every layer,
+    `r - keep_per_group` random query heads of each group are dropped (their output projection zeroed)."""
+    import copy
+
+    baseline = copy.deepcopy(source).eval()
+    config = baseline.config
+    H, G = config.num_attention_heads, config.num_key_value_heads
+    r, d = H // G, getattr(config, "head_dim", None) or config.hidden_size // H
+    generator = torch.Generator().manual_seed(seed)
+    for layer in baseline.model.layers:
+        o_weight = layer.self_attn.o_proj.weight.view(-1, H, d)
+        for g in range(G):
+            dropped = torch.randperm(r, generator=generator)[: r - keep_per_group]
+            o_weight[:, g * r + dropped] = 0
+    return baseline

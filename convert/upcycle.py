@@ -18,6 +18,7 @@ The output folder is written into a temporary sibling and renamed into place onl
 """
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -48,6 +49,7 @@ class UpcycleOptions:
     top_k: int | None = None
     calibration_file: str | None = None
     calibration_tokens: int = 16384
+    held_out_tokens: int = 8192
     gguf_file: str | None = None
     dtype: str = "float32"
     force: bool = False
@@ -267,7 +269,7 @@ def model_card(src: str, options: UpcycleOptions, config: GQEConfig, report: dic
         f"{config.active_query_heads - config.num_key_value_heads * config.num_experts_per_tok} shared) |",
     ]
     for key, value in report.items():
-        lines.append(f"| {key} | {value} |")
+        lines.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
     lines += [
         "",
         "```python",
@@ -326,14 +328,14 @@ def check_exact(source, folder: Path, tokenizer, text: str | None, count: int, t
     ids = check_sequences(tokenizer, text, source.config.vocab_size, count)
     reloaded = GQEForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     fp32 = max_logit_difference(source, reloaded, ids)
-    fp64 = max_logit_difference(source.double(), reloaded.double(), ids)
-    source.float()
+    # A float64 copy through nn.Module: GGUF sources are flagged as quantized and refuse in-place dtype changes.
+    fp64 = max_logit_difference(torch.nn.Module.double(copy.deepcopy(source)), reloaded.double(), ids)
     print(f"exact check on {ids.shape[0]} sequences of {ids.shape[1]} tokens: max abs logit difference "
           f"{fp64:.2e} in float64, {fp32:.2e} in float32")
     if fp64 > tolerance:
         raise UpcycleError(f"exact conversion differs from the source by {fp64:.2e} > {tolerance} (float64)")
-    return {"max abs logit difference to source (float64)": f"{fp64:.2e}",
-            "max abs logit difference to source (float32)": f"{fp32:.2e}"}
+    return {"max abs logit difference to source (float64)": fp64,
+            "max abs logit difference to source (float32)": fp32}
 
 
 def upcycle(src: str, out: str | os.PathLike, options: UpcycleOptions | None = None, **overrides) -> dict:
@@ -360,18 +362,20 @@ def upcycle(src: str, out: str | os.PathLike, options: UpcycleOptions | None = N
     else:
         from .calibrate import calibrate_sparse, held_out_perplexity, split_calibration_text
 
+        model = build_sparse_initial(source, options.top_k)
         if text is None:
             raise UpcycleError("--mode sparse needs --calibration-file TXT: plain text the fit runs on.")
         if tokenizer is None:
             raise UpcycleError(f"{src} has no tokenizer, which sparse calibration needs to read the text.")
-        model = build_sparse_initial(source, options.top_k)
-        fit_ids, held_out_ids = split_calibration_text(tokenizer, text, options.calibration_tokens)
+        fit_ids, held_out_ids = split_calibration_text(
+            tokenizer, text, options.calibration_tokens, held_out_tokens=options.held_out_tokens
+        )
         calibrate_sparse(source, model, fit_ids, seed=options.seed)
         ppl_source = held_out_perplexity(source, held_out_ids)
         ppl_converted = held_out_perplexity(model, held_out_ids)
-        report["held-out perplexity (source)"] = f"{ppl_source:.2f}"
-        report["held-out perplexity (converted)"] = f"{ppl_converted:.2f}"
-        report["perplexity ratio"] = f"{ppl_converted / ppl_source:.3f}"
+        report["held-out perplexity (source)"] = ppl_source
+        report["held-out perplexity (converted)"] = ppl_converted
+        report["perplexity ratio"] = ppl_converted / ppl_source
         print(f"held-out perplexity: source {ppl_source:.2f}, converted {ppl_converted:.2f} "
               f"({ppl_converted / ppl_source:.3f}x)")
 
