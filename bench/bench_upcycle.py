@@ -28,7 +28,8 @@ TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespear
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--top-k", type=int, nargs="+", default=[2, 1])
-    parser.add_argument("--heal-tokens", type=int, nargs="+", default=[100_000])
+    parser.add_argument("--heal-tokens", type=int, nargs="*", default=[100_000],
+                        help="healing budgets; none (just the flag) for conversion only")
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -63,10 +64,11 @@ def main():
 
     print(f"\nheld-out: last 10% of {TEXT.name}, {held_out.numel()} tokens; source perplexity {source_ppl:.2f}\n")
     heal_columns = [f"healed {tokens} tokens" for tokens in args.heal_tokens]
-    print("| K | active query heads (of 9) | source | random head dropping | converted | " + " | ".join(heal_columns) + " |")
-    print("|---|---|---|---|---|" + "---|" * len(heal_columns))
+    columns = ["source", "random head dropping", "converted", *heal_columns]
+    print("| K | active query heads (of 9) | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
     for row in rows:
-        cells = [f"{row[c]:.2f} ({row[c] / source_ppl:.2f}x)" for c in ["source", "random head dropping", "converted", *heal_columns]]
+        cells = [f"{row[c]:.2f} ({row[c] / source_ppl:.2f}x)" for c in columns]
         print(f"| {row['K']} | {row['active query heads']} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
