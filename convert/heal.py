@@ -9,6 +9,7 @@ adds itself while training). Prints held-out perplexity of source, GQE before an
 
 import argparse
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -96,8 +97,6 @@ def heal(converted: str, src: str, out: str, text_file: str, gguf_file: str | No
         tokenizer.save_pretrained(staging / "model")
         move_into_place(staging / "model", out_path)
     finally:
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
     print(
         f"held-out perplexity: source {report['held-out perplexity (source)']:.2f}, GQE before healing "
