@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 import modeling_gqe
 from modeling_gqe import GQEConfig, GQEForCausalLM
@@ -49,6 +51,21 @@ def tiny_model(seed: int = 0, attn_implementation: str = "sdpa", **overrides) ->
     model = GQEForCausalLM(tiny_config(**overrides)).eval()
     model.set_attn_implementation(attn_implementation)
     return randomize_routers(model, seed=seed)
+
+
+def byte_blocks(text: str, block: int, count: int) -> list[dict]:
+    """`count` training examples of `block` UTF-8 bytes each (vocab 256), labels = inputs."""
+    data = torch.tensor(list(text.encode("utf-8")[: block * count]), dtype=torch.long)
+    return [{"input_ids": row, "labels": row.clone()} for row in data.view(count, block)]
+
+
+def char_tokenizer(text: str) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over `text`'s characters (id 0 = [UNK]), built offline."""
+    vocab = {char: index for index, char in enumerate(["[UNK]", *sorted(set(text))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()  # decode() joins characters without spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
 
 
 @pytest.fixture

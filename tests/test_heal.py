@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from convert.calibrate import head_dropping_baseline, held_out_perplexity, split_calibration_text
@@ -16,16 +15,13 @@ from convert.upcycle import upcycle
 @pytest.fixture(scope="module")
 def char_source(tmp_path_factory):
     """A tiny Llama (6 heads in 2 groups) trained for a few steps on Shakespeare characters, with its tokenizer."""
-    from conftest import SHARED_DATA
+    from conftest import SHARED_DATA, char_tokenizer
 
     text = (SHARED_DATA / "tinyshakespeare.txt").read_text()[:200_000]
-    vocab = {char: index for index, char in enumerate(["[UNK]", *sorted(set(text))])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    tokenizer = char_tokenizer(text)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(vocab), hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
+        vocab_size=len(tokenizer), hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
         num_key_value_heads=2, max_position_embeddings=256, bos_token_id=None, eos_token_id=None,
     ))
     ids = torch.tensor(tokenizer(text[:60_000]).input_ids)

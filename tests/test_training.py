@@ -4,14 +4,9 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from conftest import tiny_model
+from conftest import byte_blocks, tiny_model
 from modeling_gqe import GQEForCausalLM, GQERoutingCallback, load_balancing_loss_func
 from modeling_gqe.modeling_gqe import select_experts
-
-
-def byte_blocks(text: str, block: int, count: int) -> list[dict]:
-    data = torch.tensor(list(text.encode("utf-8")[: block * count]), dtype=torch.long)
-    return [{"input_ids": row, "labels": row.clone()} for row in data.view(count, block)]
 
 
 def test_trainer_30_steps_on_shakespeare_loss_falls_and_aux_loss_is_logged(shakespeare_text, tmp_path):

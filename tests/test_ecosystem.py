@@ -1,0 +1,91 @@
+"""The Hugging Face ecosystem around a GQE model: PEFT LoRA, the text-generation pipeline, torch.compile."""
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, pipeline
+
+from conftest import byte_blocks, char_tokenizer, tiny_model
+from modeling_gqe import GQEForCausalLM
+
+
+def logits_of(model, input_ids):
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
+@pytest.mark.parametrize("lora_on_router", [False, True])
+def test_peft_lora_trains_saves_reloads_and_merges_to_identical_logits(lora_on_router, shakespeare_text, tmp_path):
+    tiny_model(vocab_size=256).save_pretrained(tmp_path / "base")
+    base = GQEForCausalLM.from_pretrained(tmp_path / "base")
+    lora = LoraConfig(
+        r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        # The router is a bare weight (as in Mixtral), so LoRA reaches it as a parameter.
+        target_parameters=["router.weight"] if lora_on_router else None,
+    )
+    model = get_peft_model(base, lora)
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    assert any("router.lora_B" in name for name in trainable) == lora_on_router
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=10, per_device_train_batch_size=8, learning_rate=1e-2,
+        report_to=[], save_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=byte_blocks(shakespeare_text, 64, 80)).train()
+
+    input_ids = torch.tensor([list(b"ROMEO: But soft, what light")])
+    model.eval()
+    trained = logits_of(model, input_ids)
+    untouched = logits_of(GQEForCausalLM.from_pretrained(tmp_path / "base").eval(), input_ids)
+    assert (trained - untouched).abs().max() > 1e-2  # the adapter learned something
+    router_b = [p for name, p in model.named_parameters() if "router.lora_B" in name]
+    assert all(p.abs().sum() > 0 for p in router_b)  # and the router's adapter too, when asked
+
+    model.save_pretrained(tmp_path / "adapter")
+    fresh_base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    reloaded = PeftModel.from_pretrained(fresh_base, tmp_path / "adapter").eval()
+    torch.testing.assert_close(logits_of(reloaded, input_ids), trained, atol=1e-6, rtol=0)
+
+    merged = reloaded.merge_and_unload()
+    assert type(merged) is GQEForCausalLM
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    torch.testing.assert_close(logits_of(merged, input_ids), trained, atol=1e-5, rtol=0)
+    merged.save_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(
+        logits_of(AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval(), input_ids), trained, atol=1e-5, rtol=0
+    )
+
+
+def test_text_generation_pipeline_matches_generate(shakespeare_text, tmp_path):
+    tokenizer = char_tokenizer(shakespeare_text[:50_000])
+    model = tiny_model(vocab_size=len(tokenizer), pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    prompt = "First Citizen:\nBefore we proceed"
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model.generate(input_ids, max_new_tokens=12, do_sample=False)
+    expected_text = tokenizer.decode(expected[0])
+    assert expected_text.startswith(prompt)
+
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    assert generator(prompt, max_new_tokens=12, do_sample=False)[0]["generated_text"] == expected_text
+
+    # From a folder, the way users call it: the pipeline resolves "gqe" through the Auto classes.
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    generator = pipeline("text-generation", model=str(tmp_path))
+    assert type(generator.model) is GQEForCausalLM
+    assert generator(prompt, max_new_tokens=12, do_sample=False)[0]["generated_text"] == expected_text
+
+
+def test_torch_compile_fullgraph_forward_gives_the_same_logits():
+    model = tiny_model()
+    input_ids = torch.randint(3, 97, (2, 12))
+    mask = torch.ones_like(input_ids)
+    mask[0, :3] = 0  # left padding goes through the compiled mask path too
+    compiled = torch.compile(model, fullgraph=True)  # the class claims _can_compile_fullgraph
+    with torch.no_grad():
+        for _ in range(2):  # a second input reuses the compiled graph
+            expected = model(input_ids, attention_mask=mask).logits
+            torch.testing.assert_close(compiled(input_ids, attention_mask=mask).logits, expected, atol=1e-5, rtol=1e-5)
+            input_ids = torch.randint(3, 97, (2, 12))
