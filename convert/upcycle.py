@@ -416,6 +416,8 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int, help="sparse: query heads kept per KV group and token")
     parser.add_argument("--calibration-file", help="text file for the sparse fit (its tail is held out)")
     parser.add_argument("--calibration-tokens", type=int, default=16384, help="tokens used for the fit")
+    parser.add_argument("--held-out-tokens", type=int, default=8192,
+                        help="sparse: tokens of the text's last 10%% on which perplexity is reported")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
@@ -425,7 +427,7 @@ def main(argv=None) -> int:
             UpcycleOptions(
                 mode=args.mode, copies=args.copies, noise=args.noise, top_k=args.top_k,
                 calibration_file=args.calibration_file, calibration_tokens=args.calibration_tokens,
-                gguf_file=args.gguf_file, dtype=args.dtype, force=args.force,
+                held_out_tokens=args.held_out_tokens, gguf_file=args.gguf_file, dtype=args.dtype, force=args.force,
             ),
         )
     except UpcycleError as error:
