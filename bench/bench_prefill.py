@@ -116,6 +116,31 @@ def build(layers, backend, device, dtype):
     return gqe.to(device, dtype).eval(), llama.to(device, dtype).eval()
 
 
+@torch.no_grad()
+def compare_kernels(length, device, dtype, repeats) -> tuple[float, float, float]:
+    """The attention calls alone (see `kernel_inputs`): `compare`'s (GQE s, Llama s, speed-up)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    q16, q8, k8, v8, q1, k1, v1 = kernel_inputs(length, device, dtype)
+    return compare(
+        lambda: (sdpa(q8, k8, v8, is_causal=True), sdpa(q1, k1, v1, is_causal=True)),
+        lambda: sdpa(q16, k8, v8, is_causal=True, enable_gqa=True),
+        device, repeats,
+    )
+
+
+@torch.no_grad()
+def compare_attention(gqe, llama, length, device, dtype, repeats) -> tuple[float, float, float]:
+    """The first layer's whole attention module of each model: `compare`'s (GQE s, Llama s, speed-up)."""
+    gqe_attention, llama_attention = gqe.model.layers[0].self_attn, llama.model.layers[0].self_attn
+    assert isinstance(gqe_attention, GQEAttention) and isinstance(llama_attention, LlamaAttention)
+    hidden, position_embeddings = attention_inputs(gqe, length, device, dtype)
+    return compare(
+        lambda: gqe_attention(hidden, position_embeddings),
+        lambda: llama_attention(hidden, position_embeddings),
+        device, repeats,
+    )
+
+
 def profile_attention(attention, hidden, position_embeddings) -> dict[str, float]:
     """Share of one GQE attention prefill spent in each piece, from torch.profiler's CPU op times."""
     from torch.profiler import ProfilerActivity, profile
@@ -173,27 +198,12 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for backend in args.backends:
         gqe, llama = build(args.model_layers, backend, device, dtype)
-        gqe_attention, llama_attention = gqe.model.layers[0].self_attn, llama.model.layers[0].self_attn
-        assert isinstance(gqe_attention, GQEAttention) and isinstance(llama_attention, LlamaAttention)
         for length in args.lengths:
-            sdpa = torch.nn.functional.scaled_dot_product_attention
-            q16, q8, k8, v8, q1, k1, v1 = kernel_inputs(length, device, dtype)
-            with torch.no_grad():
-                kernel_gqe, kernel_llama, kernel_ratio = compare(
-                    lambda: (sdpa(q8, k8, v8, is_causal=True), sdpa(q1, k1, v1, is_causal=True)),
-                    lambda: sdpa(q16, k8, v8, is_causal=True, enable_gqa=True),
-                    device, args.repeats,
-                )
-            del q16, q8, k8, v8, q1, k1, v1
+            kernel_gqe, kernel_llama, kernel_ratio = compare_kernels(length, device, dtype, args.repeats)
             row = f"| {backend} | {length} | {kernel_gqe * 1e3:.1f} | {kernel_llama * 1e3:.1f} | {kernel_ratio:.2f}x |"
-            hidden, position_embeddings = attention_inputs(gqe, length, device, dtype)
+            attn_gqe, attn_llama, attn_ratio = compare_attention(gqe, llama, length, device, dtype, args.repeats)
+            row += f" {attn_gqe * 1e3:.1f} | {attn_llama * 1e3:.1f} | {attn_ratio:.2f}x | {module_flop_ceiling(length):.2f}x |"
             with torch.no_grad():
-                attn_gqe, attn_llama, attn_ratio = compare(
-                    lambda: gqe_attention(hidden, position_embeddings),
-                    lambda: llama_attention(hidden, position_embeddings),
-                    device, args.repeats,
-                )
-                row += f" {attn_gqe * 1e3:.1f} | {attn_llama * 1e3:.1f} | {attn_ratio:.2f}x | {module_flop_ceiling(length):.2f}x |"
                 if args.skip_model or length > args.model_max_length:
                     row += " - | - | - |"
                 else:
@@ -208,7 +218,7 @@ def main():
         if device.type == "cpu":
             for length in (args.lengths[0], args.lengths[-1]):
                 hidden, position_embeddings = attention_inputs(gqe, length, device, dtype)
-                shares = profile_attention(gqe_attention, hidden, position_embeddings)
+                shares = profile_attention(gqe.model.layers[0].self_attn, hidden, position_embeddings)
                 print(f"\nWhere one GQE attention prefill spends its time ({backend}, {length} tokens):")
                 for bucket, share in shares.items():
                     print(f"- {bucket}: {share:.1%}")

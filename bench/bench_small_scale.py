@@ -17,7 +17,7 @@ For each run: held-out loss curve, final held-out loss, training throughput (tra
 excluded), and for the GQE runs routing statistics on held-out text (expert load per layer and group, router
 entropy, how often neighbouring tokens or consecutive layers pick a different expert).
 
-    python bench/bench_small_scale.py                 # full: 6 runs x 3 seeds, about 50 minutes on 2 CPU cores
+    python bench/bench_small_scale.py                 # full: 6 runs x 3 seeds, about 55 minutes on 2 CPU cores
     python bench/bench_small_scale.py --quick         # a tiny version of the same (CI, about a minute)
 
 Writes results.json (re-running skips finished runs: an interrupted sweep resumes), results.md and
@@ -38,6 +38,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
+from convert.heal import TokenBlocks
 from modeling_gqe import GQEConfig, GQEForCausalLM
 from modeling_gqe.modeling_gqe import select_experts
 
@@ -68,18 +69,6 @@ def byte_splits(text: str, seq_len: int):
         return part[:usable].view(-1, seq_len)
 
     return blocks(data[:cut]), blocks(data[cut:])
-
-
-class Blocks(torch.utils.data.Dataset):
-    def __init__(self, rows: torch.Tensor):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        row = self.rows[index]
-        return {"input_ids": row, "labels": row}
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -153,7 +142,7 @@ def train_one(run: str, seed: int, shape: dict, train_rows, held_out_rows, work_
         disable_tqdm=True,
     )
     clock = CurveAndClock()
-    trainer = Trainer(model=model, args=args, train_dataset=Blocks(train_rows), eval_dataset=Blocks(held_out_rows),
+    trainer = Trainer(model=model, args=args, train_dataset=TokenBlocks(train_rows), eval_dataset=TokenBlocks(held_out_rows),
                       callbacks=[clock])
     trainer.remove_callback(PrinterCallback)  # one line per run instead of every log dict
     trainer.train()
