@@ -55,6 +55,28 @@ class TokenBlocks(torch.utils.data.Dataset):
         return {"input_ids": self.ids[index], "labels": self.ids[index]}
 
 
+def distill(student, teacher, train_ids: torch.Tensor, output_dir, batch_size: int = 4, learning_rate: float = 1e-4,
+            alpha: float = 0.5, seed: int = 0, callbacks=None) -> list[float]:
+    """One pass of `DistillationTrainer` over `train_ids` (blocks x seq_len), cosine schedule; returns the logged losses.
+
+    Shared by `heal` and by the benchmark's control that gives the dense source the same fine-tune.
+    """
+    steps = math.ceil(train_ids.shape[0] / batch_size)
+    args = TrainingArguments(
+        output_dir=str(output_dir), num_train_epochs=1, per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0,
+        logging_steps=max(1, steps // 20), save_strategy="no", report_to=[],
+        seed=seed, use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), dataloader_num_workers=0,
+    )
+    trainer = DistillationTrainer(
+        model=student.train(), args=args, train_dataset=TokenBlocks(train_ids), teacher=teacher, alpha=alpha,
+        callbacks=callbacks,
+    )
+    trainer.train()
+    student.eval()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
 def heal(converted: str, src: str, out: str, text_file: str, gguf_file: str | None = None, tokens: int = 100_000,
          seq_len: int = 256, batch_size: int = 4, learning_rate: float = 1e-4, alpha: float = 0.5,
          held_out_tokens: int = 8192, force: bool = False, seed: int = 0) -> dict:
@@ -76,23 +98,13 @@ def heal(converted: str, src: str, out: str, text_file: str, gguf_file: str | No
         "held-out perplexity (GQE before healing)": held_out_perplexity(student, held_out_ids),
     }
     staging = out_path.with_name(f".{out_path.name}.partial")
-    steps = math.ceil(train_ids.shape[0] / batch_size)
-    args = TrainingArguments(
-        output_dir=str(staging / "trainer"), num_train_epochs=1, per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0,
-        logging_steps=max(1, steps // 20), save_strategy="no", report_to=[],
-        seed=seed, use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), dataloader_num_workers=0,
-    )
-    trainer = DistillationTrainer(
-        model=student.train(), args=args, train_dataset=TokenBlocks(train_ids), teacher=teacher, alpha=alpha,
-        callbacks=[GQERoutingCallback()],
-    )
-    trainer.train()
-    student.eval()
-    report["held-out perplexity (GQE after healing)"] = held_out_perplexity(student, held_out_ids)
-    report["healing tokens"] = int(train_ids.numel())
-    report["loss history"] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    try:
+    try:  # the Trainer's scratch files and the model are staged beside OUT and removed even if training fails
+        report["loss history"] = distill(
+            student, teacher, train_ids, staging / "trainer", batch_size=batch_size, learning_rate=learning_rate,
+            alpha=alpha, seed=seed, callbacks=[GQERoutingCallback()],
+        )
+        report["held-out perplexity (GQE after healing)"] = held_out_perplexity(student, held_out_ids)
+        report["healing tokens"] = int(train_ids.numel())
         student.save_pretrained(staging / "model")
         tokenizer.save_pretrained(staging / "model")
         move_into_place(staging / "model", out_path)
