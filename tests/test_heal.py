@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from convert.calibrate import head_dropping_baseline, held_out_perplexity, split_calibration_text
-from convert.heal import DistillationTrainer, heal
+import convert.heal
+from convert.heal import DistillationTrainer, distill, heal
 from convert.upcycle import upcycle
 
 
@@ -85,3 +86,34 @@ def test_heal_moves_the_sparse_model_towards_the_source(char_source, tmp_path):
     healed = AutoModelForCausalLM.from_pretrained(tmp_path / "healed", trust_remote_code=True)
     assert healed.config.model_type == "gqe"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["healed", "k1"]  # no staging folder left
+
+
+def test_heal_leaves_nothing_behind_when_training_fails(char_source, tmp_path, monkeypatch):
+    folder, text_file = char_source
+    upcycle(str(folder), tmp_path / "k1", mode="sparse", top_k=1, calibration_file=str(text_file),
+            calibration_tokens=4096, held_out_tokens=4096)
+
+    def interrupted(*args, **kwargs):
+        (kwargs.get("output_dir") or args[3]).mkdir(parents=True)  # Trainer scratch exists when it fails
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert.heal, "distill", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        heal(str(tmp_path / "k1"), str(folder), str(tmp_path / "healed"), str(text_file), tokens=4096, seq_len=64,
+             held_out_tokens=4096)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k1"]
+
+
+def test_distill_fine_tunes_a_dense_model_too(char_source, tmp_path):
+    """The benchmark's dense control: the source given the healing recipe, with its untouched copy as teacher."""
+    folder, text_file = char_source
+    teacher = LlamaForCausalLM.from_pretrained(folder).eval()
+    student = LlamaForCausalLM.from_pretrained(folder)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    train_ids, _ = split_calibration_text(tokenizer, text_file.read_text(), 16384, seq_len=64, held_out_tokens=4096)
+    before = held_out_perplexity(student, train_ids)
+    losses = distill(student, teacher, train_ids, tmp_path / "trainer", batch_size=16, learning_rate=2e-3)
+    assert len(losses) >= 2 and not student.training
+    after = held_out_perplexity(student, train_ids)
+    assert after < 0.95 * before, (before, after)
+    assert held_out_perplexity(teacher, train_ids) == pytest.approx(before)  # the teacher stays frozen
