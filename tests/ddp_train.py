@@ -1,6 +1,6 @@
 """Trains the tiny GQE model with `Trainer` under `accelerate launch` (run by tests/test_distributed.py).
 
-    accelerate launch --cpu --num_processes 2 tests/ddp_train.py OUT_DIR
+    accelerate launch --multi_gpu --num_processes 2 tests/ddp_train.py OUT_DIR   # CPU: gloo, see the test
 
 Every process writes OUT_DIR/rank{i}.pt: the world size it saw, the initial and final logits of its replica
 on a fixed input. Trainer saves the final checkpoint in OUT_DIR/checkpoint-20.

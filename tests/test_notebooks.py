@@ -22,4 +22,3 @@ def test_notebook_runs_top_to_bottom(name):
     assert not [output for output in outputs if output.output_type == "error"]
     if name in WITH_FIGURES:
         assert any("image/png" in output.get("data", {}) for output in outputs), f"{name} drew no figure"
-
