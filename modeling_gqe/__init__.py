@@ -20,6 +20,7 @@ from .modeling_gqe import (
     GQEModel,
     GQEPreTrainedModel,
     load_balancing_loss_func,
+    routing_statistics,
 )
 from .trainer_callbacks import GQERoutingCallback
 
@@ -41,5 +42,6 @@ __all__ = [
     "GQEForCausalLM",
     "GQEForSequenceClassification",
     "load_balancing_loss_func",
+    "routing_statistics",
     "GQERoutingCallback",
 ]

@@ -13,6 +13,7 @@ Shapes: B batch, T query tokens, S key tokens, D hidden size, G KV heads (groups
 k selected experts per group, d head_dim.
 """
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -439,6 +440,55 @@ class GQEModel(GQEPreTrainedModel):
         return MoeModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 
 
+def routing_statistics(
+    router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor],
+    num_key_value_heads: int,
+    num_experts_per_tok: int,
+    expert_routing: str = "ranked",
+    attention_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    r"""Which experts the routers picked and how evenly, per layer; differentiable (the load-balancing loss is
+    built on it), so wrap it in `torch.no_grad()` for monitoring.
+
+    Args:
+        router_logits: one [B*T, G*M] tensor per layer, as recorded from `GQETopKRouter`
+            (`output_router_logits=True`).
+        num_key_value_heads: G.
+        num_experts_per_tok: k.
+        expert_routing: "ranked" or "partitioned", the selection rule used by the model.
+        attention_mask: [B, T] (or [B, past + T]: the last T columns are used), 1 for real tokens; padding is left
+            out of the fractions, means and entropies.
+
+    Returns a dict of tensors, L = layers, N = B*T tokens:
+        "selected_experts": [L, N, G, k], the expert (index within its group, 0..M-1) in each slot.
+        "selected_fraction": [L, G, M], the fraction of tokens whose selection includes expert m of group g
+            (sums to k over m; divided by k it is the expert's share of its group's picks).
+        "mean_probability": [L, G, M], the mean router probability.
+        "entropy": [L], the mean entropy of the groups' router distributions, normalised to 1 for uniform.
+    """
+    logits = torch.stack([layer_logits.to(router_logits[0].device) for layer_logits in router_logits]).float()
+    num_layers, num_tokens = logits.shape[:2]
+    router_probs = logits.view(num_layers, num_tokens, num_key_value_heads, -1).softmax(dim=-1)  # [L, N, G, M]
+    experts_per_group = router_probs.shape[-1]
+    _, selected_experts = select_experts(router_probs, num_experts_per_tok, expert_routing)  # [L, N, G, k]
+    selected = torch.zeros_like(router_probs).scatter_(-1, selected_experts, 1.0)
+
+    token_weights = torch.full((num_tokens,), 1.0 / num_tokens, device=logits.device)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        seq_len = num_tokens // attention_mask.shape[0]
+        real = attention_mask[:, -seq_len:].reshape(-1).to(device=logits.device, dtype=torch.float32)
+        token_weights = real / real.sum().clamp(min=1.0)
+    entropy = -(router_probs * router_probs.clamp_min(1e-12).log()).sum(-1)  # [L, N, G]
+    if experts_per_group > 1:
+        entropy = entropy / math.log(experts_per_group)
+    return {
+        "selected_experts": selected_experts,
+        "selected_fraction": torch.einsum("n,lngm->lgm", token_weights, selected),
+        "mean_probability": torch.einsum("n,lngm->lgm", token_weights, router_probs),
+        "entropy": torch.einsum("n,lng->l", token_weights, entropy) / num_key_value_heads,
+    }
+
+
 def load_balancing_loss_func(
     router_logits: tuple[torch.Tensor, ...] | None,
     num_key_value_heads: int,
@@ -446,42 +496,19 @@ def load_balancing_loss_func(
     expert_routing: str = "ranked",
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | int:
-    r"""Per-group Switch load-balancing loss, summed over layers (SPEC step 5).
+    r"""Per-group Switch load-balancing loss, summed over layers.
 
     For each layer: mean over groups g of `M * sum_m f[g, m] * P[g, m]`, where f is the fraction of tokens whose
-    selection includes expert m of group g and P the mean router probability; padding tokens are excluded.
-
-    Args:
-        router_logits: one [B*T, G*M] tensor per layer (as recorded from `GQETopKRouter`).
-        num_key_value_heads: G.
-        num_experts_per_tok: k.
-        expert_routing: "ranked" or "partitioned", the selection rule used by the model.
-        attention_mask: [B, T] (or [B, past + T]: the last T columns are used), 1 for real tokens.
+    selection includes expert m of group g and P the mean router probability (`routing_statistics`); padding
+    tokens are excluded. Arguments as for `routing_statistics`.
     """
     if router_logits is None or not isinstance(router_logits, tuple) or len(router_logits) == 0:
         return 0
-
-    device = router_logits[0].device
-    num_tokens = router_logits[0].shape[0]
-    token_weights = None
-    if attention_mask is not None and attention_mask.dim() == 2:
-        seq_len = num_tokens // attention_mask.shape[0]
-        token_weights = attention_mask[:, -seq_len:].reshape(-1).to(device=device, dtype=torch.float32)
-        token_weights = token_weights / token_weights.sum().clamp(min=1.0)
-
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    for layer_logits in router_logits:
-        router_probs = layer_logits.to(device).float().view(num_tokens, num_key_value_heads, -1).softmax(dim=-1)
-        experts_per_group = router_probs.shape[-1]
-        _, top_index = select_experts(router_probs, num_experts_per_tok, expert_routing)
-        selected = torch.zeros_like(router_probs).scatter_(-1, top_index, 1.0)  # [tokens, G, M]
-        if token_weights is None:
-            fraction_routed, mean_prob = selected.mean(dim=0), router_probs.mean(dim=0)  # [G, M]
-        else:
-            fraction_routed = torch.einsum("t,tgm->gm", token_weights, selected)
-            mean_prob = torch.einsum("t,tgm->gm", token_weights, router_probs)
-        total = total + experts_per_group * (fraction_routed * mean_prob).sum(dim=-1).mean()
-    return total
+    statistics = routing_statistics(
+        router_logits, num_key_value_heads, num_experts_per_tok, expert_routing, attention_mask
+    )
+    fraction, probability = statistics["selected_fraction"], statistics["mean_probability"]  # [L, G, M]
+    return (fraction.shape[-1] * (fraction * probability).sum(-1).mean(-1)).sum()
 
 
 @auto_docstring
@@ -580,4 +607,5 @@ __all__ = [
     "GQEForCausalLM",
     "GQEForSequenceClassification",
     "load_balancing_loss_func",
+    "routing_statistics",
 ]

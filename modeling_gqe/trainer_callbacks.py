@@ -12,11 +12,12 @@ averages over all training forwards since the previous log. Works with models lo
 `trust_remote_code` too, since routers are found by class name.
 """
 
-import math
 from collections import defaultdict
 
 import torch
 from transformers import TrainerCallback
+
+from .modeling_gqe import routing_statistics
 
 
 def _is_router(module) -> bool:
@@ -49,14 +50,10 @@ class GQERoutingCallback(TrainerCallback):
             if not router.training:
                 return
             with torch.no_grad():
-                router_logits, _, top_index = outputs
-                probs = router_logits.float().view(-1, router.num_groups, router.experts_per_group).softmax(-1)
-                entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
-                entropy = entropy / math.log(router.experts_per_group) if router.experts_per_group > 1 else entropy
-                picks = torch.zeros_like(probs).scatter_(-1, top_index.reshape(-1, router.num_groups, router.top_k), 1.0)
-                share = picks.sum(0) / picks.sum(0).sum(-1, keepdim=True)  # [G, M], sums to 1 per group
+                statistics = routing_statistics((outputs[0],), router.num_groups, router.top_k, router.expert_routing)
+                share = statistics["selected_fraction"][0] / router.top_k  # [G, M]: sums to 1 per group
                 load_max = (share.max(-1).values * router.experts_per_group).mean()
-            self._add(f"router_entropy/layer_{layer_idx}", entropy)
+            self._add(f"router_entropy/layer_{layer_idx}", statistics["entropy"][0])
             self._add(f"expert_load_max/layer_{layer_idx}", load_max)
 
         return hook

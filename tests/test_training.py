@@ -5,7 +5,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from conftest import byte_blocks, tiny_model
-from modeling_gqe import GQEForCausalLM, GQERoutingCallback, load_balancing_loss_func
+from modeling_gqe import GQEForCausalLM, GQERoutingCallback, load_balancing_loss_func, routing_statistics
 from modeling_gqe.modeling_gqe import select_experts
 
 
@@ -34,7 +34,8 @@ def test_trainer_30_steps_on_shakespeare_loss_falls_and_aux_loss_is_logged(shake
 
 
 def reference_aux_loss(router_logits, G, k, routing, mask):
-    """SPEC step 5 written out with loops: per layer mean_g M * sum_m f[g,m] P[g,m], summed over layers."""
+    """The paper's load-balancing loss written out with loops: per layer mean_g M * sum_m f[g,m] P[g,m], summed over
+    layers, where f is the fraction of tokens whose selection includes expert m and P the mean probability."""
     total = 0.0
     keep = mask.reshape(-1).bool()
     for logits in router_logits:
@@ -69,6 +70,37 @@ def test_aux_loss_matches_reference_formula_and_excludes_padding(routing, k):
     # Padding matters: the unmasked value differs.
     unmasked = load_balancing_loss_func(out.router_logits, 2, k, routing, None)
     assert abs(unmasked.item() - expected.item()) > 1e-6
+
+
+@pytest.mark.parametrize("routing,k", [("ranked", 1), ("ranked", 3), ("partitioned", 2)])
+def test_routing_statistics_match_a_per_token_loop(routing, k):
+    """The one routing-statistics function (used by the aux loss, the callback, the benchmarks and notebooks)."""
+    G, M = 2, 4
+    generator = torch.Generator().manual_seed(1)
+    router_logits = tuple(torch.randn(14, G * M, generator=generator) * 2 for _ in range(3))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    stats = routing_statistics(router_logits, G, k, routing, mask)
+    keep = mask.reshape(-1).bool()
+    assert stats["selected_experts"].shape == (3, 14, G, k)
+    for layer, logits in enumerate(router_logits):
+        chosen = torch.zeros(14, G, M)
+        entropy = torch.zeros(14, G)
+        for t in range(14):
+            for g in range(G):
+                probs = logits[t, g * M : (g + 1) * M].softmax(-1)
+                if routing == "ranked":
+                    picks = sorted(range(M), key=lambda m: -probs[m].item())[:k]
+                else:
+                    picks = [max(range(j * M // k, (j + 1) * M // k), key=lambda m: probs[m].item()) for j in range(k)]
+                assert stats["selected_experts"][layer, t, g].tolist() == picks  # slot order: rank or block order
+                chosen[t, g, picks] = 1
+                entropy[t, g] = -(probs * probs.log()).sum() / torch.log(torch.tensor(float(M)))
+        probs = logits.view(14, G, M).softmax(-1)
+        torch.testing.assert_close(stats["selected_fraction"][layer], chosen[keep].mean(0))
+        torch.testing.assert_close(stats["selected_fraction"][layer].sum(-1), torch.full((G,), float(k)))
+        torch.testing.assert_close(stats["mean_probability"][layer], probs[keep].mean(0))
+        torch.testing.assert_close(stats["entropy"][layer], entropy[keep].mean())
 
 
 def test_aux_loss_is_added_times_coefficient_only_when_training_with_labels():
