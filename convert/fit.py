@@ -23,85 +23,11 @@ Fit, layer by layer, on the converted model's own activations:
    what they will actually see.
 """
 
-import math
-
 import torch
 from tqdm.auto import tqdm
 
-
-def sparse_blocks(heads_by_importance: list[int], top_k: int) -> list[list[int]]:
-    """Split a group's heads (most important first) into `top_k` blocks for partitioned routing, the most
-    important heads in the smallest blocks; each block is padded with copies of its first head to equal width.
-
-    >>> sparse_blocks([2, 0, 1], 2)
-    [[2, 2], [0, 1]]
-    """
-    r = len(heads_by_importance)
-    base, extra = divmod(r, top_k)
-    sizes = [base] * (top_k - extra) + [base + 1] * extra
-    width = -(-r // top_k)
-    blocks, start = [], 0
-    for size in sizes:
-        block = heads_by_importance[start : start + size]
-        blocks.append(block + [block[0]] * (width - size))
-        start += size
-    return blocks
-
-
-@torch.no_grad()
-def set_sparse_experts(attn, source_attn, blocks_per_group: list[list[list[int]]]) -> torch.Tensor:
-    """Lay the source heads out as experts: expert g*M + j*width + p is head `blocks_per_group[g][j][p]` of
-    group g. Copies its query weights and starts slot (g, j) with the mean output projection of its block.
-    Returns the source head index of every expert, [G*M]."""
-    G, d = attn.num_groups, attn.head_dim
-    H = source_attn.q_proj.weight.shape[0] // d
-    r = H // G
-    expert_heads = torch.tensor(
-        [g * r + head for g, blocks in enumerate(blocks_per_group) for block in blocks for head in block]
-    )
-    attn.q_proj.weight.copy_(source_attn.q_proj.weight.view(H, d, -1)[expert_heads].reshape(-1, attn.q_proj.in_features))
-    if attn.q_proj.bias is not None:
-        source_bias = source_attn.q_proj.bias
-        bias = source_bias.view(H, d)[expert_heads] if source_bias is not None else torch.zeros(len(expert_heads), d)
-        attn.q_proj.bias.copy_(bias.reshape(-1))
-    o_weight = source_attn.o_proj.weight.view(-1, H, d)  # [D, H, d]
-    o_proj = torch.zeros_like(attn.o_proj.weight).view(o_weight.shape[0], -1, d)
-    for g, blocks in enumerate(blocks_per_group):
-        for j, block in enumerate(blocks):
-            distinct = sorted({g * r + head for head in block})
-            o_proj[:, g * len(blocks) + j] = o_weight[:, distinct].mean(1)
-    attn.o_proj.weight.copy_(o_proj.view(o_weight.shape[0], -1))
-    if attn.o_proj.bias is not None:
-        source_bias = source_attn.o_proj.bias
-        attn.o_proj.bias.copy_(source_bias if source_bias is not None else torch.zeros_like(attn.o_proj.bias))
-    return expert_heads
-
-
-def split_calibration_text(tokenizer, text: str, fit_tokens: int, seq_len: int = 256, held_out_tokens: int = 8192):
-    """First 90% of the text for the fit, the last 10% held out. Returns two [n, seq_len] id tensors."""
-    cut = int(len(text) * 0.9)
-
-    def blocks(part: str, limit: int) -> torch.Tensor:
-        ids = tokenizer(part, add_special_tokens=False).input_ids
-        usable = min(limit, len(ids)) // seq_len * seq_len
-        if usable == 0:
-            raise ValueError(f"the calibration text is too short: need at least {seq_len} tokens in each split")
-        return torch.tensor(ids[:usable]).view(-1, seq_len)
-
-    return blocks(text[:cut], fit_tokens), blocks(text[cut:], held_out_tokens)
-
-
-@torch.no_grad()
-def held_out_perplexity(model, input_ids: torch.Tensor, batch_size: int = 8) -> float:
-    total_nll, total_tokens = 0.0, 0
-    model.eval()
-    for start in range(0, input_ids.shape[0], batch_size):
-        batch = input_ids[start : start + batch_size]
-        logits = model(batch, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        total_nll += nll.item()
-        total_tokens += batch[:, 1:].numel()
-    return math.exp(total_nll / total_tokens)
+from .layout import SourceAttention, set_sparse_experts, sparse_blocks
+from .sources import llama_named_state_dict
 
 
 def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, relative_ridge: float) -> torch.Tensor:
@@ -150,12 +76,14 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
     batches = list(fit_ids.split(batch_size))
     hidden = [model.model.embed_tokens(batch) for batch in batches]  # converted residual stream, per batch
     position_embeddings = model.model.rotary_emb(hidden[0], position_ids)
+    weights = llama_named_state_dict(source)
 
-    for source_layer, layer in tqdm(
-        list(zip(source.model.layers, model.model.layers)), desc="calibrating layers", unit="layer"
+    for index, (source_layer, layer) in enumerate(
+        tqdm(list(zip(source.model.layers, model.model.layers)), desc="calibrating layers", unit="layer")
     ):
         source_attn, attn = source_layer.self_attn, layer.self_attn
-        o_weight = source_attn.o_proj.weight.view(-1, H, d)  # [D, H, d]
+        source_heads = SourceAttention.of_layer(weights, index, H, d)
+        o_weight = source_heads.o_weight  # [D, H, d]
         normed = [layer.input_layernorm(x) for x in hidden]
 
         # 1. Per-head contributions of the source attention on this input; they choose the blocks and are the
@@ -171,7 +99,7 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
         log_norm = torch.cat(log_norms)  # [tokens, H]
         importance = log_norm.exp().mean(0).view(G, r)
         blocks = [sparse_blocks(importance[g].argsort(descending=True).tolist(), k) for g in range(G)]
-        expert_heads = set_sparse_experts(attn, source_attn, blocks)  # [G*M]
+        expert_heads = set_sparse_experts(attn, source_heads, blocks)  # [G*M]
         router_target = log_norm[:, expert_heads].view(-1, G, k, M // k)
         router_target = (router_target - router_target.mean(dim=-1, keepdim=True)).view(-1, G * M).double()
         x = torch.cat([h.reshape(-1, h.shape[-1]) for h in normed]).double()
@@ -203,22 +131,3 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
             layer(x, position_embeddings=position_embeddings, position_ids=position_ids, attention_mask=None)
             for x in hidden
         ]
-
-
-@torch.no_grad()
-def head_dropping_baseline(source, keep_per_group: int, seed: int = 0):
-    """The naive alternative to a calibrated sparse conversion: a copy of the source in which, in every layer,
-    `r - keep_per_group` random query heads of each group are dropped (their output projection zeroed)."""
-    import copy
-
-    baseline = copy.deepcopy(source).eval()
-    config = baseline.config
-    H, G = config.num_attention_heads, config.num_key_value_heads
-    r, d = H // G, getattr(config, "head_dim", None) or config.hidden_size // H
-    generator = torch.Generator().manual_seed(seed)
-    for layer in baseline.model.layers:
-        o_weight = layer.self_attn.o_proj.weight.view(-1, H, d)
-        for g in range(G):
-            dropped = torch.randperm(r, generator=generator)[: r - keep_per_group]
-            o_weight[:, g * r + dropped] = 0
-    return baseline

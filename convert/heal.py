@@ -1,30 +1,44 @@
 """Heal a sparse-converted GQE model: a short fine-tune with `Trainer`, distilling from the source's logits.
 
     gqe-heal CONVERTED SRC OUT --text-file TXT [--gguf-file NAME] [--tokens 100000] [--seq-len 256]
+    gqe-heal CONVERTED SRC OUT --data wiki.parquet,weight=2 notes.jsonl,column=body [--streaming]
 
-The text is split as in calibration (first 90% for training, last 10% held out); the loss is
-`alpha * KL(source || GQE) + (1 - alpha) * LM loss` (plus the router's load-balancing term, which the model
-adds itself while training). Prints held-out perplexity of source, GQE before and GQE after healing.
+The loss is `alpha * KL(source || GQE) + (1 - alpha) * LM loss` (plus the router's load-balancing term, which the
+model adds itself while training). Training text comes through the same data path as calibration
+(convert/data.py): the fit part of each source is trained on, its held-out part measured. Prints held-out
+perplexity of the source and of GQE before and after healing.
 """
 
-import argparse
 import math
-import shutil
 import sys
-from pathlib import Path
+import tempfile
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from modeling_gqe import GQERoutingCallback
 
-from .calibrate import held_out_perplexity, split_calibration_text
-from .upcycle import UpcycleError, load_source, move_into_place, prepare_output
+from .cli import option, run_command, with_overrides
+from .data import TokenBlocks, load_token_blocks
+from .errors import UpcycleError
+from .evaluate import perplexity
+from .sources import read_gqe_checkpoint, read_source_config, read_source_tokenizer, read_source_weights
+from .staging import check_output, staged_output
+
+
+def place_teacher(teacher: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move the teacher to the student's device and floating dtype (through `nn.Module.to`: GGUF-loaded models
+    carry a quantized flag that makes `PreTrainedModel.to` refuse dtype changes, though they hold plain floats)."""
+    return torch.nn.Module.to(teacher, device=device, dtype=dtype)
 
 
 class DistillationTrainer(Trainer):
-    """`Trainer` whose loss also pulls the student's next-token distribution towards a frozen teacher's."""
+    """`Trainer` whose loss also pulls the student's next-token distribution towards a frozen teacher's.
+
+    The teacher follows the student: it is moved to the device and dtype of the student's parameters at the first
+    step (after Trainer or accelerate has placed the student), and runs under the same autocast."""
 
     def __init__(self, *args, teacher, alpha: float = 0.5, temperature: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -33,6 +47,10 @@ class DistillationTrainer(Trainer):
         self.temperature = temperature
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        student_weight = next(model.parameters())
+        teacher_weight = next(self.teacher.parameters())
+        if (teacher_weight.device, teacher_weight.dtype) != (student_weight.device, student_weight.dtype):
+            self.teacher = place_teacher(self.teacher, student_weight.device, student_weight.dtype)
         outputs = model(**inputs)
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=inputs["input_ids"]).logits
@@ -44,29 +62,20 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-class TokenBlocks(torch.utils.data.Dataset):
-    def __init__(self, ids: torch.Tensor):
-        self.ids = ids
-
-    def __len__(self):
-        return self.ids.shape[0]
-
-    def __getitem__(self, index):
-        return {"input_ids": self.ids[index], "labels": self.ids[index]}
-
-
 def distill(student, teacher, train_ids: torch.Tensor, output_dir, batch_size: int = 4, learning_rate: float = 1e-4,
             alpha: float = 0.5, seed: int = 0, callbacks=None) -> list[float]:
     """One pass of `DistillationTrainer` over `train_ids` (blocks x seq_len), cosine schedule; returns the logged losses.
 
-    Shared by `heal` and by the benchmark's control that gives the dense source the same fine-tune.
-    """
+    Shared by `heal` and by the benchmark's control that gives the dense source the same fine-tune. On a GPU with
+    bf16 support, fp32 students train in bf16 mixed precision."""
     steps = math.ceil(train_ids.shape[0] / batch_size)
+    mixed_precision = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+                       and next(student.parameters()).dtype == torch.float32)
     args = TrainingArguments(
         output_dir=str(output_dir), num_train_epochs=1, per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0,
         logging_steps=max(1, steps // 20), save_strategy="no", report_to=[],
-        seed=seed, use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), dataloader_num_workers=0,
+        seed=seed, use_cpu=not torch.cuda.is_available(), bf16=mixed_precision, dataloader_num_workers=0,
     )
     trainer = DistillationTrainer(
         model=student.train(), args=args, train_dataset=TokenBlocks(train_ids), teacher=teacher, alpha=alpha,
@@ -77,69 +86,74 @@ def distill(student, teacher, train_ids: torch.Tensor, output_dir, batch_size: i
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def heal(converted: str, src: str, out: str, text_file: str, gguf_file: str | None = None, tokens: int = 100_000,
-         seq_len: int = 256, batch_size: int = 4, learning_rate: float = 1e-4, alpha: float = 0.5,
-         held_out_tokens: int = 8192, force: bool = False, seed: int = 0) -> dict:
-    out_path = Path(out)
-    prepare_output(out_path, force)
-    if not Path(text_file).is_file():
-        raise UpcycleError(f"--text-file {text_file} does not exist.")
-    teacher, tokenizer = load_source(src, gguf_file)
+@dataclass
+class HealOptions:
+    text_file: str | None = option(None, "a plain-text file to train on (its last 10%% is held out)")
+    data: list[str] = option([], "data sources PATH[,weight=W][,column=NAME][,split=NAME], mixed by weight "
+                             "(text, JSONL, Parquet, CSV files or save_to_disk folders)")
+    text_column: str = option("text", "default text column of tabular data sources")
+    streaming: bool = option(False, "stream the data sources (held out = their first blocks)")
+    gguf_file: str | None = option(None, "GGUF file name inside SRC")
+    tokens: int = option(100_000, "training tokens (one pass)")
+    held_out_tokens: int = option(8192, "held-out tokens on which perplexity is reported")
+    seq_len: int = option(256, "training sequence length")
+    batch_size: int = option(4, "sequences per step")
+    learning_rate: float = option(1e-4, "peak learning rate (cosine schedule)")
+    alpha: float = option(0.5, "weight of the distillation loss (1 - alpha: the LM loss)")
+    force: bool = option(False, "replace OUT if it exists")
+    seed: int = option(0, "training seed")
+
+    @property
+    def data_sources(self) -> list[str]:
+        return ([self.text_file] if self.text_file else []) + list(self.data)
+
+
+def heal(converted: str, src: str, out, options: HealOptions | None = None, **overrides) -> dict:
+    """Fine-tune the GQE checkpoint CONVERTED towards its source SRC; write the result to OUT. Options as
+    `HealOptions` and/or keyword overrides (an unknown name raises TypeError). Returns a report."""
+    options = with_overrides(options or HealOptions(), overrides)
+    if not options.data_sources:
+        raise UpcycleError("gqe-heal needs training text: --text-file TXT or --data SOURCE.")
+    check_output(out, options.force)
+    source_config = read_source_config(src, options.gguf_file)
+    tokenizer = read_source_tokenizer(src, options.gguf_file)
     if tokenizer is None:
         raise UpcycleError(f"{src} has no tokenizer, which healing needs to read the text.")
-    student = AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True, dtype=torch.float32)
-    if student.config.model_type != "gqe":
-        raise UpcycleError(f"{converted} is not a GQE checkpoint (model_type {student.config.model_type!r}).")
-    train_ids, held_out_ids = split_calibration_text(
-        tokenizer, Path(text_file).read_text(encoding="utf-8"), tokens, seq_len=seq_len, held_out_tokens=held_out_tokens
-    )
-    report = {
-        "held-out perplexity (source)": held_out_perplexity(teacher, held_out_ids),
-        "held-out perplexity (GQE before healing)": held_out_perplexity(student, held_out_ids),
-    }
-    staging = out_path.with_name(f".{out_path.name}.partial")
-    try:  # the Trainer's scratch files and the model are staged beside OUT and removed even if training fails
+    data = load_token_blocks(options.data_sources, tokenizer, options.seq_len, options.tokens, options.held_out_tokens,
+                             options.text_column, options.streaming)
+    student = read_gqe_checkpoint(converted)
+    teacher = read_source_weights(src, options.gguf_file, source_config)
+    report = {}
+    if data.held_out.numel():
+        report["held-out perplexity (source)"] = perplexity(teacher, data.held_out)
+        report["held-out perplexity (GQE before healing)"] = perplexity(student, data.held_out)
+    with staged_output(out, options.force) as staging, tempfile.TemporaryDirectory() as scratch:
         report["loss history"] = distill(
-            student, teacher, train_ids, staging / "trainer", batch_size=batch_size, learning_rate=learning_rate,
-            alpha=alpha, seed=seed, callbacks=[GQERoutingCallback()],
+            student, teacher, data.fit, scratch, batch_size=options.batch_size, learning_rate=options.learning_rate,
+            alpha=options.alpha, seed=options.seed, callbacks=[GQERoutingCallback()],
         )
-        report["held-out perplexity (GQE after healing)"] = held_out_perplexity(student, held_out_ids)
-        report["healing tokens"] = int(train_ids.numel())
-        student.save_pretrained(staging / "model")
-        tokenizer.save_pretrained(staging / "model")
-        move_into_place(staging / "model", out_path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    print(
-        f"held-out perplexity: source {report['held-out perplexity (source)']:.2f}, GQE before healing "
-        f"{report['held-out perplexity (GQE before healing)']:.2f}, after {report['healing tokens']} tokens "
-        f"{report['held-out perplexity (GQE after healing)']:.2f}"
-    )
+        report["healing tokens"] = int(data.fit.numel())
+        if data.held_out.numel():
+            report["held-out perplexity (GQE after healing)"] = perplexity(student, data.held_out)
+        student.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    if data.held_out.numel():
+        print(
+            f"held-out perplexity: source {report['held-out perplexity (source)']:.2f}, GQE before healing "
+            f"{report['held-out perplexity (GQE before healing)']:.2f}, after {report['healing tokens']} tokens "
+            f"{report['held-out perplexity (GQE after healing)']:.2f}"
+        )
     return report
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="gqe-heal", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("converted", help="GQE folder written by gqe-upcycle --mode sparse")
-    parser.add_argument("src", help="the source checkpoint it was converted from (the teacher)")
-    parser.add_argument("out", help="output folder for the healed model")
-    parser.add_argument("--text-file", required=True, help="plain text to train on (its last 10%% is held out)")
-    parser.add_argument("--gguf-file", help="GGUF file name inside SRC")
-    parser.add_argument("--tokens", type=int, default=100_000, help="training tokens (one pass)")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation loss")
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    args = parser.parse_args(argv)
-    try:
-        heal(args.converted, args.src, args.out, args.text_file, gguf_file=args.gguf_file, tokens=args.tokens,
-             seq_len=args.seq_len, batch_size=args.batch_size, learning_rate=args.learning_rate, alpha=args.alpha,
-             force=args.force)
-    except UpcycleError as error:
-        print(f"gqe-heal: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(
+        "gqe-heal", __doc__, HealOptions,
+        [("converted", "GQE folder written by gqe-upcycle --mode sparse"),
+         ("src", "the source checkpoint it was converted from (the teacher)"),
+         ("out", "output folder for the healed model")],
+        lambda converted, src, out, options: heal(converted, src, out, options), argv,
+    )
 
 
 if __name__ == "__main__":

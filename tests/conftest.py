@@ -16,6 +16,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# Scripts and notebooks find the data through convert.resources, which reads this first.
+os.environ.setdefault("GQE_DATA_DIR", str(SHARED_DATA))
 
 
 def tiny_config(**overrides) -> GQEConfig:

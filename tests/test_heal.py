@@ -1,15 +1,18 @@
 """Sparse conversion and healing end to end on a tiny Llama with a character-level tokenizer."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from convert.calibrate import head_dropping_baseline, held_out_perplexity, split_calibration_text
 import convert.heal
-from convert.heal import DistillationTrainer, distill, heal
+from convert.data import load_token_blocks
+from convert.evaluate import perplexity
+from convert.heal import DistillationTrainer, distill, heal, main as heal_main, place_teacher
+from convert.layout import head_dropping_baseline
 from convert.upcycle import upcycle
 
 
@@ -49,8 +52,8 @@ def test_sparse_conversion_of_a_trained_model_beats_head_dropping(char_source, t
     assert model.config.active_query_heads == 3 and model.config.expert_routing == "partitioned"
     source = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
-    _, held_out = split_calibration_text(tokenizer, text_file.read_text(), 8192, held_out_tokens=4096)
-    dropping = held_out_perplexity(head_dropping_baseline(source, keep_per_group=1), held_out)
+    held_out = load_token_blocks([text_file], tokenizer, 256, 8192, held_out_tokens=4096).held_out
+    dropping = perplexity(head_dropping_baseline(source, keep_per_group=1), held_out)
     assert report["held-out perplexity (converted)"] < dropping
     assert report["held-out perplexity (source)"] < dropping
 
@@ -73,11 +76,30 @@ def test_distillation_loss_matches_the_kl_formula():
     assert trainer.compute_loss(student, {"input_ids": ids, "labels": ids}).abs() < 1e-5
 
 
+def test_the_teacher_follows_the_students_device_and_dtype():
+    """On a GPU the Trainer moves the student (and may train it in bf16); the teacher must follow, or its forward
+    fails on CPU inputs. Checked on CPU with a bf16 student, and with the meta device standing in for another."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    teacher = LlamaForCausalLM(config).eval()
+    student = LlamaForCausalLM(config).to(torch.bfloat16)
+    trainer = DistillationTrainer.__new__(DistillationTrainer)  # only compute_loss is exercised
+    trainer.teacher, trainer.alpha, trainer.temperature = teacher, 0.5, 1.0
+    ids = torch.randint(0, 50, (2, 7))
+    loss = trainer.compute_loss(student, {"input_ids": ids, "labels": ids})
+    assert {p.dtype for p in trainer.teacher.parameters()} == {torch.bfloat16} and torch.isfinite(loss)
+    trainer.compute_loss(student.to("meta"), {"input_ids": ids.to("meta"), "labels": ids.to("meta")})
+    assert {(p.device.type, p.dtype) for p in trainer.teacher.parameters()} == {("meta", torch.bfloat16)}
+    moved = place_teacher(LlamaForCausalLM(config), torch.device("meta"), torch.float16)
+    assert {(p.device.type, p.dtype) for p in moved.parameters()} == {("meta", torch.float16)}
+
+
 def test_heal_moves_the_sparse_model_towards_the_source(char_source, tmp_path):
     folder, text_file = char_source
     upcycle(str(folder), tmp_path / "k1", mode="sparse", top_k=1, calibration_file=str(text_file),
             calibration_tokens=4096, held_out_tokens=4096)
-    report = heal(str(tmp_path / "k1"), str(folder), str(tmp_path / "healed"), str(text_file), tokens=16384,
+    report = heal(str(tmp_path / "k1"), str(folder), str(tmp_path / "healed"), text_file=str(text_file), tokens=16384,
                   seq_len=64, batch_size=16, learning_rate=2e-3, held_out_tokens=4096)
     before = report["held-out perplexity (GQE before healing)"]
     after = report["held-out perplexity (GQE after healing)"]
@@ -92,16 +114,19 @@ def test_heal_leaves_nothing_behind_when_training_fails(char_source, tmp_path, m
     folder, text_file = char_source
     upcycle(str(folder), tmp_path / "k1", mode="sparse", top_k=1, calibration_file=str(text_file),
             calibration_tokens=4096, held_out_tokens=4096)
+    scratch = []
 
-    def interrupted(*args, **kwargs):
-        (kwargs.get("output_dir") or args[3]).mkdir(parents=True)  # Trainer scratch exists when it fails
+    def interrupted(student, teacher, train_ids, output_dir, **kwargs):
+        scratch.append(Path(output_dir))
+        (Path(output_dir) / "checkpoint-1").mkdir()  # Trainer scratch exists when it fails
         raise KeyboardInterrupt
 
     monkeypatch.setattr(convert.heal, "distill", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        heal(str(tmp_path / "k1"), str(folder), str(tmp_path / "healed"), str(text_file), tokens=4096, seq_len=64,
-             held_out_tokens=4096)
+        heal(str(tmp_path / "k1"), str(folder), str(tmp_path / "healed"), text_file=str(text_file), tokens=4096,
+             seq_len=64, held_out_tokens=4096)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k1"]
+    assert scratch and not scratch[0].exists()
 
 
 def test_distill_fine_tunes_a_dense_model_too(char_source, tmp_path):
@@ -110,10 +135,37 @@ def test_distill_fine_tunes_a_dense_model_too(char_source, tmp_path):
     teacher = LlamaForCausalLM.from_pretrained(folder).eval()
     student = LlamaForCausalLM.from_pretrained(folder)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
-    train_ids, _ = split_calibration_text(tokenizer, text_file.read_text(), 16384, seq_len=64, held_out_tokens=4096)
-    before = held_out_perplexity(student, train_ids)
+    train_ids = load_token_blocks([text_file], tokenizer, 64, 16384).fit
+    before = perplexity(student, train_ids)
     losses = distill(student, teacher, train_ids, tmp_path / "trainer", batch_size=16, learning_rate=2e-3)
     assert len(losses) >= 2 and not student.training
-    after = held_out_perplexity(student, train_ids)
+    after = perplexity(student, train_ids)
     assert after < 0.95 * before, (before, after)
-    assert held_out_perplexity(teacher, train_ids) == pytest.approx(before)  # the teacher stays frozen
+    assert perplexity(teacher, train_ids) == pytest.approx(before)  # the teacher stays frozen
+
+
+def test_heal_input_errors_are_one_line(char_source, tmp_path, capsys):
+    import shutil
+
+    folder, text_file = char_source
+    upcycle(str(folder), tmp_path / "k1", mode="sparse", top_k=1, calibration_file=str(text_file),
+            calibration_tokens=4096, held_out_tokens=4096)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tmp_path / "k1", truncated)
+    (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:1000])
+    capsys.readouterr()
+    cases = [
+        ([truncated, folder, "o1", "--text-file", text_file], "truncated/model.safetensors cannot be read"),
+        ([folder, folder, "o2", "--text-file", text_file], "is not a GQE checkpoint (model_type 'llama')"),
+        ([tmp_path / "k1", folder, "o3"], "needs training text: --text-file TXT or --data SOURCE"),
+        ([tmp_path / "k1", folder, "o4", "--text-file", tmp_path / "missing.txt"], "missing.txt does not exist"),
+        ([tmp_path / "k1", tmp_path / "nowhere", "o5", "--text-file", text_file], "nowhere does not exist"),
+        ([tmp_path / "k1", folder, "k1", "--text-file", text_file], "already exists"),
+    ]
+    for argv, message in cases:
+        argv = [str(a) if a != argv[2] else str(tmp_path / a) for a in argv]
+        assert heal_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        last_line = err.rstrip("\n").rsplit("\n", 1)[-1]
+        assert last_line.startswith("gqe-heal: error: ") and message in last_line and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k1", "truncated"]

@@ -1,39 +1,55 @@
 """gqe-upcycle: exact mode reproduces each source family; sparse mode beats head dropping; clear CLI errors."""
 
+import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED_DATA, char_tokenizer
+from huggingface_hub import ModelCard
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
 
-from convert.upcycle import UpcycleError, main, upcycle
+from convert.data import blocks_of
+from convert.errors import UpcycleError
+from convert.heal import heal
+from convert.upcycle import UpcycleOptions, main, upcycle
 
 
 TINY = dict(vocab_size=120, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
             num_key_value_heads=2, max_position_embeddings=256)
 
 
+FAMILIES = ["llama", "mistral", "qwen2", "phi3"]
+
+
 def build_source(family: str):
-    torch.manual_seed({"llama": 0, "mistral": 1, "qwen2": 2}[family])
+    """A tiny random checkpoint of each family in convert/families.py (adding a family adds a branch here)."""
+    torch.manual_seed(FAMILIES.index(family))
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**TINY, rope_parameters={"rope_type": "default", "rope_theta": 20000.0}))
     elif family == "mistral":
         model = MistralForCausalLM(MistralConfig(**TINY, sliding_window=8))
+    elif family == "phi3":  # fused qkv_proj and gate_up_proj
+        model = Phi3ForCausalLM(Phi3Config(**TINY, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     else:
         model = Qwen2ForCausalLM(Qwen2Config(**TINY, tie_word_embeddings=True))
         with torch.no_grad():  # Qwen2 has q/k/v biases; make them matter
@@ -46,12 +62,12 @@ def build_source(family: str):
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
-    for family in ("llama", "mistral", "qwen2"):
+    for family in FAMILIES:
         build_source(family).save_pretrained(root / family)
     return root
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_exact_mode_reproduces_the_source_after_reload(family, sources, tmp_path):
     out = tmp_path / "gqe"
     report = upcycle(str(sources / family), out, mode="exact", copies=3)
@@ -70,9 +86,42 @@ def test_exact_mode_reproduces_the_source_after_reload(family, sources, tmp_path
         expected, actual = source(input_ids).logits, converted(input_ids).logits
     assert (expected - actual).abs().max() <= 1e-4
     assert report["max abs logit difference to source (float64)"] <= 1e-4
-    card = (out / "README.md").read_text()
-    assert "exact" in card and "active query heads per token | 7" in card
+    card = ModelCard.load(out / "README.md")
+    assert "exact" in card.text and "active query heads per token | 7" in card.text
+    assert card.data.library_name == "transformers" and "gqe" in card.data.tags
     assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == "modeling_gqe.GQEForCausalLM"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparse_mode_fits_every_family(family, sources, tmp_path, shakespeare_text):
+    """Sparse conversion reads each family through the same table; the fit stays closer to the source than
+    dropping the same number of heads."""
+    from convert.data import load_token_blocks
+    from convert.evaluate import perplexity
+    from convert.layout import head_dropping_baseline
+
+    folder = tmp_path / family
+    shutil.copytree(sources / family, folder)
+    tokenizer = char_tokenizer(shakespeare_text[:20_000])
+    assert len(tokenizer) <= TINY["vocab_size"]
+    tokenizer.save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text(shakespeare_text[:20_000])
+    report = upcycle(str(folder), tmp_path / "k1", mode="sparse", top_k=1, calibration_file=str(text),
+                     calibration_tokens=2048, held_out_tokens=1024, seq_len=64)
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "k1", trust_remote_code=True).eval()
+    assert converted.config.active_query_heads == 3  # 2 groups x K = 1, + the shared head
+    tokenizer = AutoTokenizer.from_pretrained(folder)  # as the converter reads it (Qwen2 picks its own class)
+    held_out = load_token_blocks([text], tokenizer, 64, 2048, held_out_tokens=1024).held_out
+    assert perplexity(converted, held_out) == pytest.approx(report["held-out perplexity (converted)"], rel=1e-4)
+    source = AutoModelForCausalLM.from_pretrained(folder).eval()
+
+    def divergence_from_source(model):  # mean KL(source || model) per held-out token
+        with torch.no_grad():
+            expected, actual = source(held_out).logits.log_softmax(-1), model(held_out).logits.log_softmax(-1)
+        return (expected.exp() * (expected - actual)).sum(-1).mean().item()
+
+    assert divergence_from_source(converted) < 0.5 * divergence_from_source(head_dropping_baseline(source, 1))
 
 
 def test_exact_mode_noise_breaks_the_symmetry_of_copies(sources, tmp_path):
@@ -126,6 +175,99 @@ def test_cli_errors_name_the_problem_and_the_fix(sources, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "gpt2"]  # no partial outputs
 
 
+def broken_copy(sources, tmp_path, name, family="llama"):
+    folder = tmp_path / name
+    shutil.copytree(sources / family, folder)
+    return folder
+
+
+def test_broken_inputs_end_in_one_line_naming_the_file_and_leave_nothing(sources, tmp_path, capsys, monkeypatch):
+    """Every failure that comes from the user's files: exit 2, one line on stderr naming the file and the fix."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(sources / "llama" / "model.safetensors")
+    truncated = broken_copy(sources, tmp_path, "truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    garbage = broken_copy(sources, tmp_path, "garbage")
+    (garbage / "model.safetensors").write_bytes(b"\x00" * 64 + bytes(range(256)) * 8)
+    missing = broken_copy(sources, tmp_path, "missing")
+    save_file({k: v for k, v in weights.items() if "layers.1.self_attn.k_proj" not in k},
+              missing / "model.safetensors", metadata={"format": "pt"})
+    reshaped = broken_copy(sources, tmp_path, "reshaped")
+    config = json.loads((reshaped / "config.json").read_text())
+    (reshaped / "config.json").write_text(json.dumps({**config, "intermediate_size": 160}))
+    bad_config = broken_copy(sources, tmp_path, "bad_config")
+    (bad_config / "config.json").write_text("{not json")
+    bad_tokenizer = broken_copy(sources, tmp_path, "bad_tokenizer")
+    (bad_tokenizer / "tokenizer.json").write_text("{garbage")
+    (bad_tokenizer / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    gguf = tmp_path / "gguf"
+    gguf.mkdir()
+    (gguf / "model.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 16)
+    mha = tmp_path / "mha"
+    LlamaForCausalLM(LlamaConfig(**{**TINY, "num_key_value_heads": 6})).save_pretrained(mha)
+    not_a_folder = tmp_path / "plain_file"
+    not_a_folder.write_text("x")
+    text = tmp_path / "text.txt"
+    text.write_text("some text " * 200)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"body": "some text"}\n' * 20)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    cases = [
+        ([truncated, "o1", "--mode", "exact"], ["truncated/model.safetensors", "truncated or corrupt"]),
+        ([garbage, "o2", "--mode", "exact"], ["garbage/model.safetensors", "truncated or corrupt"]),
+        ([missing, "o3", "--mode", "exact"], ["lacks weights", "model.layers.1.self_attn.k_proj.weight"]),
+        ([reshaped, "o4", "--mode", "exact"], ["do not match its config.json", "model.layers."]),
+        ([bad_config, "o5", "--mode", "exact"], ["bad_config/config.json", "not a valid JSON"]),
+        ([bad_tokenizer, "o6", "--mode", "sparse", "--top-k", "1", "--calibration-file", text],
+         ["bad_tokenizer/tokenizer.json", "cannot be read"]),
+        ([gguf, "o7", "--mode", "exact", "--gguf-file", "model.gguf"], ["gguf/model.gguf", "not a readable GGUF"]),
+        ([mha, "o8", "--mode", "sparse", "--top-k", "1", "--calibration-file", text],
+         ["one query head per KV head", "--mode exact"]),
+        ([sources / "llama", not_a_folder / "o9", "--mode", "exact"], ["cannot create the folder", "plain_file"]),
+    ]
+    for argv, fragments in cases:
+        argv = [str(argv[0]), str(argv[1] if "/" in str(argv[1]) else tmp_path / argv[1]), *map(str, argv[2:])]
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err  # progress bars may come first; the error is one line, and the last
+        last_line = err.rstrip("\n").rsplit("\n", 1)[-1]
+        assert last_line.startswith("gqe-upcycle: error: ") and err.count("gqe-upcycle: error") == 1, err
+        assert "Traceback" not in err and all(fragment in last_line for fragment in fragments), (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no partial folder
+
+    # Bad calibration data is refused before any weights are read.
+    with_tokenizer = broken_copy(sources, tmp_path, "with_tokenizer")
+    char_tokenizer("abcdefghijklmnopqrstuvwxyz ").save_pretrained(with_tokenizer)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read before the data was checked")
+
+    monkeypatch.setattr("convert.upcycle.read_source_weights", no_weights)
+    argv = [str(with_tokenizer), str(tmp_path / "o10"), "--mode", "sparse", "--top-k", "1", "--calibration-data", str(rows)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    last_line = err.rstrip("\n").rsplit("\n", 1)[-1]
+    assert last_line.startswith("gqe-upcycle: error: ") and "Traceback" not in err, err
+    assert "rows.jsonl has no column 'text'" in last_line and "column=NAME" in last_line
+    assert not (tmp_path / "o10").exists()
+
+
+def test_options_are_defined_once_and_unknown_names_are_refused(sources, tmp_path, capsys):
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['calibration_fle'\]"):
+        upcycle(str(sources / "llama"), tmp_path / "x", mode="sparse", top_k=1, calibration_fle="notes.txt")
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['token'\]"):
+        heal(str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c"), token=4096)
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(SystemExit) as exit_info:  # the command line is generated from the same dataclass
+        main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for field in dataclasses.fields(UpcycleOptions):
+        assert f"--{field.name.replace('_', '-')}" in help_text, field.name
+
+
 def test_console_script_is_installed():
     result = subprocess.run(["gqe-upcycle", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
@@ -149,7 +291,7 @@ def smollm2_dir():
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
-    from convert.upcycle import load_source
+    from convert.sources import load_source
 
     return load_source(str(smollm2_dir), SMOLLM2_GGUF)
 
@@ -157,8 +299,8 @@ def smollm2(smollm2_dir):
 @pytest.fixture(scope="module")
 def wikitext_ids(smollm2):
     _, tokenizer = smollm2
-    text = (Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_test.raw").read_text()[:100_000]
-    return tokenizer(text, return_tensors="pt").input_ids[0][: 4 * 96].view(4, 96)
+    text = (SHARED_DATA / "wikitext2_test.raw").read_text()[:100_000]
+    return blocks_of(tokenizer(text).input_ids, 96, max_tokens=4 * 96)
 
 
 def test_smollm2_exact_matches_the_gguf_source_on_real_text(smollm2_dir, smollm2, wikitext_ids, tmp_path):
@@ -183,7 +325,9 @@ def test_smollm2_exact_matches_the_gguf_source_on_real_text(smollm2_dir, smollm2
 
 
 def test_smollm2_sparse_beats_head_dropping(smollm2_dir, smollm2, tmp_path, shakespeare_text):
-    from convert.calibrate import head_dropping_baseline, held_out_perplexity, split_calibration_text
+    from convert.data import load_token_blocks
+    from convert.evaluate import perplexity
+    from convert.layout import head_dropping_baseline
 
     source, tokenizer = smollm2
     text_file = tmp_path / "calibration.txt"
@@ -193,9 +337,9 @@ def test_smollm2_sparse_beats_head_dropping(smollm2_dir, smollm2, tmp_path, shak
                      calibration_tokens=4096, held_out_tokens=2048, gguf_file=SMOLLM2_GGUF)
     converted = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert converted.config.num_experts_per_tok == 2 and converted.config.active_query_heads == 7
-    _, held_out = split_calibration_text(tokenizer, text_file.read_text(), 4096, held_out_tokens=2048)
-    ppl_converted = held_out_perplexity(converted, held_out)
-    ppl_dropping = held_out_perplexity(head_dropping_baseline(source, keep_per_group=2), held_out)
+    held_out = load_token_blocks([text_file], tokenizer, 256, 4096, held_out_tokens=2048).held_out
+    ppl_converted = perplexity(converted, held_out)
+    ppl_dropping = perplexity(head_dropping_baseline(source, keep_per_group=2), held_out)
     assert ppl_converted == pytest.approx(report["held-out perplexity (converted)"], rel=1e-3)
     assert ppl_converted < 0.5 * ppl_dropping, (ppl_converted, ppl_dropping)
     assert report["perplexity ratio"] < 2.5

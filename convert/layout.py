@@ -1,0 +1,240 @@
+"""How a source's query heads become GQE experts: the config of the converted model, the exact layout (copies of
+every head, the source's function reproduced) and the sparse layout (K of each group's r heads per token).
+
+Source heads: H query heads in G KV groups, r = H / G per group, head size d. Expert e = g*M + m of the GQE model
+is expert m of group g. Everything here reads the source through Llama's names (`sources.llama_named_state_dict`),
+so it is the same for every family in families.py.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from modeling_gqe import GQEConfig, GQEForCausalLM
+
+from .errors import UpcycleError
+from .families import family_of, head_dim_of
+from .sources import llama_named_state_dict
+
+
+@dataclass
+class SourceAttention:
+    """One source layer's query and output projections, split per head."""
+
+    q_weight: torch.Tensor  # [H, d, D]
+    q_bias: torch.Tensor | None  # [H, d]
+    o_weight: torch.Tensor  # [D, H, d]
+    o_bias: torch.Tensor | None  # [D]
+
+    @classmethod
+    def of_layer(cls, weights: dict[str, torch.Tensor], layer: int, num_heads: int, head_dim: int):
+        prefix = f"model.layers.{layer}.self_attn."
+        q_bias, o_bias = weights.get(prefix + "q_proj.bias"), weights.get(prefix + "o_proj.bias")
+        o_weight = weights[prefix + "o_proj.weight"]
+        return cls(
+            q_weight=weights[prefix + "q_proj.weight"].view(num_heads, head_dim, -1),
+            q_bias=q_bias.view(num_heads, head_dim) if q_bias is not None else None,
+            o_weight=o_weight.view(o_weight.shape[0], num_heads, head_dim),
+            o_bias=o_bias,
+        )
+
+
+def gqe_config_from_source(source_config, **gqe_fields) -> GQEConfig:
+    family = family_of(source_config)
+    return GQEConfig(
+        vocab_size=source_config.vocab_size,
+        hidden_size=source_config.hidden_size,
+        intermediate_size=source_config.intermediate_size,
+        num_hidden_layers=source_config.num_hidden_layers,
+        num_key_value_heads=source_config.num_key_value_heads,
+        head_dim=head_dim_of(source_config),
+        hidden_act=source_config.hidden_act,
+        max_position_embeddings=source_config.max_position_embeddings,
+        rms_norm_eps=source_config.rms_norm_eps,
+        rope_parameters=dict(source_config.rope_parameters),
+        tie_word_embeddings=bool(getattr(source_config, "tie_word_embeddings", False)),
+        attention_bias=family.attention_bias(source_config),
+        mlp_bias=bool(getattr(source_config, "mlp_bias", False)),
+        sliding_window=family.sliding_window(source_config),
+        bos_token_id=source_config.bos_token_id,
+        eos_token_id=source_config.eos_token_id,
+        pad_token_id=source_config.pad_token_id,
+        **gqe_fields,
+    )
+
+
+@torch.no_grad()
+def copy_shared_weights(weights: dict[str, torch.Tensor], target: GQEForCausalLM) -> None:
+    """Everything but the attention's query side and output projection is copied unchanged."""
+    target_state = target.state_dict()
+    for name, tensor in weights.items():
+        if ".self_attn.q_proj." in name or ".self_attn.o_proj." in name:
+            continue
+        if name not in target_state:
+            raise UpcycleError(f"source weight {name} has no place in the GQE model")
+        target_state[name].copy_(tensor)
+
+
+@torch.no_grad()
+def init_shared_head(attn, source: SourceAttention) -> None:
+    """The shared head starts as the average source query: it attends to the average key, so the two match."""
+    attn.q_shared.weight.copy_(source.q_weight.mean(0))
+    if attn.q_shared.bias is not None:
+        bias = source.q_bias.mean(0) if source.q_bias is not None else torch.zeros_like(attn.q_shared.bias)
+        attn.q_shared.bias.copy_(bias)
+
+
+# ------------------------------------------------------------------------------------------------------ exact
+
+
+@torch.no_grad()
+def build_exact(source, copies: int, noise: float, seed: int) -> GQEForCausalLM:
+    """Every source head becomes one slot whose experts are `copies` copies of it (partitioned routing, k = r,
+    M = copies * r). Zero routers and a zero output projection for the weighted and shared slots: the converted
+    model computes the source's function. `noise` perturbs the copies (relative std) to break their symmetry."""
+    if copies < 1:
+        raise UpcycleError(f"--copies must be >= 1, got {copies}.")
+    if noise < 0:
+        raise UpcycleError(f"--noise must be >= 0, got {noise}.")
+    src = source.config
+    H, G = src.num_attention_heads, src.num_key_value_heads
+    r = H // G
+    config = gqe_config_from_source(
+        src, num_attention_heads=H * copies, num_experts_per_tok=r, expert_routing="partitioned", gqe_variant="gqe"
+    )
+    model = GQEForCausalLM(config).eval()
+    weights = llama_named_state_dict(source)
+    copy_shared_weights(weights, model)
+    d, M = config.head_dim, config.num_experts_per_group
+    generator = torch.Generator().manual_seed(seed)
+    # Expert e = g*M + m; block j (m // copies) of group g holds copies of source head g*r + j.
+    source_head = torch.arange(G * M) // M * r + (torch.arange(G * M) % M) // copies
+    for index, layer in enumerate(tqdm(model.model.layers, desc="converting layers (exact)", unit="layer")):
+        source_attn = SourceAttention.of_layer(weights, index, H, d)
+        attn = layer.self_attn
+        expert_q = source_attn.q_weight[source_head].clone()  # [G*M, d, D]
+        if noise > 0:
+            expert_q += torch.randn(expert_q.shape, generator=generator) * expert_q.std() * noise
+        attn.q_proj.weight.copy_(expert_q.reshape(-1, config.hidden_size))
+        if attn.q_proj.bias is not None:
+            bias = source_attn.q_bias[source_head] if source_attn.q_bias is not None else torch.zeros(G * M, d)
+            attn.q_proj.bias.copy_(bias.reshape(-1))
+        # Hard slot (g, j) is source head g*r + j: its o_proj columns are the source's, in the same order.
+        o_proj = torch.zeros_like(attn.o_proj.weight)
+        o_proj[:, : H * d] = source_attn.o_weight.reshape(-1, H * d)
+        attn.o_proj.weight.copy_(o_proj)  # weighted and shared slots: zero, so no effect at conversion
+        if attn.o_proj.bias is not None:
+            o_bias = source_attn.o_bias if source_attn.o_bias is not None else torch.zeros_like(attn.o_proj.bias)
+            attn.o_proj.bias.copy_(o_bias)
+        attn.router.weight.zero_()
+        init_shared_head(attn, source_attn)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------- sparse
+
+
+def sparse_blocks(heads_by_importance: list[int], top_k: int) -> list[list[int]]:
+    """Split a group's heads (most important first) into `top_k` blocks for partitioned routing, the most
+    important heads in the smallest blocks; each block is padded with copies of its first head to equal width.
+
+    >>> sparse_blocks([2, 0, 1], 2)
+    [[2, 2], [0, 1]]
+    """
+    r = len(heads_by_importance)
+    base, extra = divmod(r, top_k)
+    sizes = [base] * (top_k - extra) + [base + 1] * extra
+    width = -(-r // top_k)
+    blocks, start = [], 0
+    for size in sizes:
+        block = heads_by_importance[start : start + size]
+        blocks.append(block + [block[0]] * (width - size))
+        start += size
+    return blocks
+
+
+def check_sparse_top_k(source_config, top_k: int) -> None:
+    H, G = source_config.num_attention_heads, source_config.num_key_value_heads
+    r = H // G
+    if r == 1:
+        raise UpcycleError(
+            f"sparse mode cannot apply: the source has one query head per KV head ({H} query heads, {G} KV heads), "
+            "so there is no head to choose between inside a group. Use --mode exact (it duplicates every head into "
+            "experts for training), or convert a GQA checkpoint."
+        )
+    if not 1 <= top_k < r:
+        raise UpcycleError(
+            f"--top-k {top_k} is outside the source's heads: each KV group has r = {r} query heads, and sparse "
+            f"mode keeps K of them per token, 1 <= K <= {r - 1} (K = {r} keeps them all: use --mode exact)."
+        )
+
+
+@torch.no_grad()
+def set_sparse_experts(attn, source: SourceAttention, blocks_per_group: list[list[list[int]]]) -> torch.Tensor:
+    """Lay the source heads out as experts: expert g*M + j*width + p is head `blocks_per_group[g][j][p]` of
+    group g. Copies its query weights and starts slot (g, j) with the mean output projection of its block.
+    Returns the source head index of every expert, [G*M]."""
+    G, d = attn.num_groups, attn.head_dim
+    H = source.q_weight.shape[0]
+    r = H // G
+    expert_heads = torch.tensor(
+        [g * r + head for g, blocks in enumerate(blocks_per_group) for block in blocks for head in block]
+    )
+    attn.q_proj.weight.copy_(source.q_weight[expert_heads].reshape(-1, attn.q_proj.in_features))
+    if attn.q_proj.bias is not None:
+        bias = source.q_bias[expert_heads] if source.q_bias is not None else torch.zeros(len(expert_heads), d)
+        attn.q_proj.bias.copy_(bias.reshape(-1))
+    o_weight = source.o_weight  # [D, H, d]
+    o_proj = torch.zeros_like(attn.o_proj.weight).view(o_weight.shape[0], -1, d)
+    for g, blocks in enumerate(blocks_per_group):
+        for j, block in enumerate(blocks):
+            distinct = sorted({g * r + head for head in block})
+            o_proj[:, g * len(blocks) + j] = o_weight[:, distinct].mean(1)
+    attn.o_proj.weight.copy_(o_proj.view(o_weight.shape[0], -1))
+    if attn.o_proj.bias is not None:
+        attn.o_proj.bias.copy_(source.o_bias if source.o_bias is not None else torch.zeros_like(attn.o_proj.bias))
+    return expert_heads
+
+
+@torch.no_grad()
+def build_sparse_initial(source, top_k: int) -> GQEForCausalLM:
+    """Sparse GQE: K slots per group over partitioned blocks of the source heads. Blocks start in head order;
+    calibration (fit.py) re-chooses them by importance and fits routers and o_proj."""
+    src = source.config
+    check_sparse_top_k(src, top_k)
+    H, G = src.num_attention_heads, src.num_key_value_heads
+    r = H // G
+    width = -(-r // top_k)
+    config = gqe_config_from_source(
+        src, num_attention_heads=G * top_k * width, num_experts_per_tok=top_k, expert_routing="partitioned",
+        gqe_variant="gqe",
+    )
+    model = GQEForCausalLM(config).eval()
+    weights = llama_named_state_dict(source)
+    copy_shared_weights(weights, model)
+    blocks = [sparse_blocks(list(range(r)), top_k) for _ in range(G)]
+    for index, layer in enumerate(model.model.layers):
+        source_attn = SourceAttention.of_layer(weights, index, H, config.head_dim)
+        set_sparse_experts(layer.self_attn, source_attn, blocks)
+        init_shared_head(layer.self_attn, source_attn)
+    return model
+
+
+@torch.no_grad()
+def head_dropping_baseline(source, keep_per_group: int, seed: int = 0):
+    """The naive alternative to a calibrated sparse conversion: a copy of the source in which, in every layer,
+    `r - keep_per_group` random query heads of each group are dropped (their output projection zeroed)."""
+    import copy
+
+    baseline = copy.deepcopy(source).eval()
+    config = baseline.config
+    H, G = config.num_attention_heads, config.num_key_value_heads
+    r, d = H // G, head_dim_of(config)
+    generator = torch.Generator().manual_seed(seed)
+    for layer in baseline.model.layers:
+        o_weight = layer.self_attn.o_proj.weight.view(-1, H, d)
+        for g in range(G):
+            dropped = torch.randperm(r, generator=generator)[: r - keep_per_group]
+            o_weight[:, g * r + dropped] = 0
+    return baseline
