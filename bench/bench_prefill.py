@@ -17,12 +17,10 @@ Then a profile of one GQE attention prefill showing where its time goes.
 """
 
 import argparse
-import platform
-import statistics
-import time
 from collections import defaultdict
 
 import torch
+from common import compare, machine
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention
 
@@ -42,36 +40,6 @@ def configs(layers: int, backend: str):
     for config in (gqe, llama):
         config._attn_implementation = backend
     return gqe, llama
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def compare(gqe_fn, llama_fn, device, repeats: int) -> tuple[float, float, float]:
-    """Alternate GQE and Llama runs (after three warm-ups of each). Returns the median seconds of each and the
-    median of the per-pair ratios Llama / GQE: the two runs of a pair are adjacent in time, so the ratio is
-    robust to the slow drifts of a shared machine."""
-    for _ in range(3):  # warm-up: allocator, kernel selection, first-touch of new buffer sizes
-        gqe_fn(), llama_fn()
-    gqe_times, llama_times = [], []
-    for repeat in range(repeats):
-        pair = (gqe_fn, llama_fn) if repeat % 2 == 0 else (llama_fn, gqe_fn)  # neither always goes first
-        first, second = timed(pair[0], device), timed(pair[1], device)
-        gqe_time, llama_time = (first, second) if repeat % 2 == 0 else (second, first)
-        gqe_times.append(gqe_time)
-        llama_times.append(llama_time)
-    ratio = statistics.median(llama / gqe for llama, gqe in zip(llama_times, gqe_times))
-    return statistics.median(gqe_times), statistics.median(llama_times), ratio
 
 
 def module_flop_ceiling(length: int) -> float:
@@ -190,8 +158,7 @@ def main():
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     ceiling = PAPER_SHAPE["num_attention_heads"] / 9
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"# torch {torch.__version__}, {where}, {args.dtype}, {args.repeats} alternating pairs: median times and "
+    print(f"# {machine(device)}, {args.dtype}, {args.repeats} alternating pairs: median times and "
           f"median of per-pair speed-ups (Llama / GQE); kernel ceiling {ceiling:.2f}x")
     print("| backend | tokens | kernel GQE ms | kernel Llama ms | kernel speed-up | attention GQE ms | attention Llama ms "
           "| attention speed-up | attention FLOP ceiling | model GQE ms | model Llama ms | model speed-up |")

