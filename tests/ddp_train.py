@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
+from convert.data import blocks_of
+from convert.resources import SHAKESPEARE, data_file
 from modeling_gqe import GQEConfig, GQEForCausalLM
 
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 PROBE = torch.tensor([list(b"MENENIUS: What work's, my countrymen")])
 
 
@@ -26,7 +26,7 @@ def main(out_dir: str):
         num_key_value_heads=2, max_position_embeddings=128, bos_token_id=None, eos_token_id=None,
     )
     model = GQEForCausalLM(config)
-    data = torch.tensor(list(SHAKESPEARE.read_bytes()[: 64 * 320]), dtype=torch.long).view(320, 64)
+    data = blocks_of(list(data_file(SHAKESPEARE).read_bytes()), 64, max_tokens=64 * 320)
     train = [{"input_ids": row, "labels": row} for row in data]
     args = TrainingArguments(
         output_dir=out_dir, max_steps=20, per_device_train_batch_size=8, learning_rate=3e-3, report_to=[],

