@@ -20,7 +20,8 @@ class GQEConfig(PreTrainedConfig):
     Configuration of a Llama-style decoder whose attention is Grouped Query Experts: inside each of the
     `num_key_value_heads` (G) KV groups, a router picks `num_experts_per_tok` (k) of the group's
     `num_attention_heads // num_key_value_heads` (M) query-head experts per token. The KV heads stay dense,
-    so the KV cache is exactly that of the GQA model with the same `num_key_value_heads`.
+    so the KV cache is that of the GQA model with the same `num_key_value_heads`, plus one KV head per layer for
+    the "gqe" variant's shared head (the mean over groups of the keys and values).
 
     The defaults are the paper's main model (arXiv 2606.20945): hidden 1024, 16 query-head experts,
     8 KV heads, head_dim 64, k = 1, variant "gqe" (hard slots + weighted slot + shared head), about 250M

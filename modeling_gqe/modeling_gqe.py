@@ -2,9 +2,10 @@
 """Grouped Query Experts (GQE): a Llama-style decoder whose query heads are routed experts.
 
 Inside each grouped-query-attention group a router picks, per token, k of the group's M query-head experts.
-The selected queries are packed as k query heads per KV head and sent through ONE call of the configured
-attention backend (eager, sdpa, flash, flex), exactly like a GQA attention with k query heads per group:
-unselected experts are never attended. Keys and values stay dense, so the KV cache is GQA's.
+Only the selected experts' queries are attended: they are packed as k query heads per KV head and
+sent through one call of the configured attention backend (eager, sdpa, flash, flex), exactly like a GQA
+attention with k query heads per group. Keys and values stay dense: the KV cache is GQA's, plus one KV head per
+layer for the "gqe" variant's shared head (the mean over groups of K and V, cached so it is never recomputed).
 
 This file is self-contained (imports from `transformers` and `.configuration_gqe` only) so that it can
 travel inside a `trust_remote_code` checkpoint folder.
@@ -28,7 +29,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
@@ -37,6 +38,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_gqe import GQEConfig
 
 
+# Copied from transformers.models.llama.modeling_llama.LlamaRMSNorm with Llama->GQE
 class GQERMSNorm(nn.Module):
     def __init__(self, hidden_size, eps: float = 1e-6) -> None:
         super().__init__()
@@ -54,6 +56,7 @@ class GQERMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
+# Copied from transformers.models.llama.modeling_llama.LlamaRotaryEmbedding with Llama->GQE
 class GQERotaryEmbedding(nn.Module):
     def __init__(self, config: GQEConfig):
         super().__init__()
@@ -87,6 +90,7 @@ class GQERotaryEmbedding(nn.Module):
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
+# Copied from transformers.models.llama.modeling_llama.rotate_half
 def rotate_half(x):
     """Rotates half the hidden dims of the input."""
     x1 = x[..., : x.shape[-1] // 2]
@@ -94,6 +98,7 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+# Copied from transformers.models.llama.modeling_llama.apply_rotary_pos_emb
 def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     """Rotary position embedding; cos/sin are [B, T, d] and get a heads axis at `unsqueeze_dim`
     (1 for [B, heads, T, d] tensors, 2 for [B, T, heads, d])."""
@@ -104,6 +109,7 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     return q_embed, k_embed
 
 
+# Copied from transformers.models.llama.modeling_llama.LlamaMLP with Llama->GQE
 class GQEMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -116,6 +122,7 @@ class GQEMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+# Copied from transformers.models.llama.modeling_llama.repeat_kv
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     """[B, kv_heads, S, d] -> [B, kv_heads * n_rep, S, d], each KV head repeated for its n_rep query heads."""
     batch, num_key_value_heads, slen, head_dim = hidden_states.shape
@@ -125,6 +132,7 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
 
 
+# Copied from transformers.models.llama.modeling_llama.eager_attention_forward
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -187,8 +195,8 @@ class GQETopKRouter(nn.Module):
 
 
 class GQESharedHeadAttention(nn.Module):
-    """What the attention backends read from a module, for the shared head's own call: one query head on one
-    KV head (the mean over groups of K and V). Holds no parameters: `q_shared` lives on `GQEAttention`."""
+    """What the attention backends read from a module, for the shared head's own call (prefill with k > 1): one
+    query head on one KV head. Holds no parameters (`q_shared` lives on `GQEAttention`)."""
 
     def __init__(self, config: GQEConfig, layer_idx: int):
         super().__init__()
@@ -199,12 +207,17 @@ class GQESharedHeadAttention(nn.Module):
 
 
 class GQEAttention(nn.Module):
-    """Grouped Query Experts attention (SPEC "The layer").
+    """Grouped Query Experts attention (arXiv 2606.20945, Section 3).
 
-    Per token: the router picks k of the M experts of each of the G groups; the G*k selected queries are packed
-    group-major as G*k heads, k per KV head, and attended in one backend call with `num_key_value_groups = k`.
-    Output slots, concatenated and projected by `o_proj`: G*k hard slots (group-major, rank order), then for
-    the "gqe" variant the probability-weighted sum of the selected heads and the shared head.
+    Per token, the router picks k of the M experts of each of the G groups. Only the selected experts' queries are
+    attended: they are packed group-major as G*k heads, k per KV head, for one backend call with
+    `num_key_value_groups = k`. Output slots, concatenated and projected by `o_proj`: G*k hard slots (group-major,
+    rank order), then for the "gqe" variant the probability-weighted sum of the selected heads and the shared head.
+
+    The shared head ("gqe") attends to the mean over groups of the rotated keys and of the values. That mean is
+    one more KV head (G + 1 in the cache, computed once per token), so with k = 1 the shared query is simply one
+    more head of the same call: G + 1 query heads on G + 1 KV heads. With k > 1 it gets a call of its own in
+    prefill, and joins the routed call (repeated to k heads) when decoding.
     """
 
     def __init__(self, config: GQEConfig, layer_idx: int):
@@ -216,8 +229,11 @@ class GQEAttention(nn.Module):
         self.experts_per_group = config.num_experts_per_group
         self.top_k = config.num_experts_per_tok
         self.variant = config.gqe_variant
-        # Read by the attention backends: the packed call has k query heads per KV head.
+        self.has_shared_head = self.variant == "gqe"
+        # Read by the attention backends: the packed call has k query heads per KV head. With k = 1 the shared
+        # head joins that call; with k > 1 it has a call of its own (GQESharedHeadAttention).
         self.num_key_value_groups = self.top_k
+        self.shared_head_in_routed_call = self.has_shared_head and self.top_k == 1
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
@@ -227,10 +243,24 @@ class GQEAttention(nn.Module):
         self.k_proj = nn.Linear(D, self.num_groups * d, bias=bias)
         self.v_proj = nn.Linear(D, self.num_groups * d, bias=bias)
         self.router = GQETopKRouter(config)
-        if self.variant == "gqe":
+        if self.has_shared_head:
             self.q_shared = nn.Linear(D, d, bias=bias)
             self.shared_head_attention = GQESharedHeadAttention(config, layer_idx)
         self.o_proj = nn.Linear(config.num_output_slots * d, D, bias=bias)
+
+    def selected_queries(self, hidden_states: torch.Tensor, top_index: torch.Tensor) -> torch.Tensor:
+        """Queries of the selected experts, [B, T, G*k, d] (group-major, slot order), from [B, T, D] and the
+        router's [B, T, G, k] picks: one dense projection, then a gather.
+
+        Only the selected queries are attended. The projection itself stays dense: with more than a handful of
+        tokens every expert is selected by some token, and for a single decoded token, gathering the selected
+        experts' weight rows first copies them, which costs more than the dense matrix-vector product it saves
+        (bench/RESULTS.md, "Decode")."""
+        batch, seq_len = hidden_states.shape[:-1]
+        G, M, k, d = self.num_groups, self.experts_per_group, self.top_k, self.head_dim
+        all_queries = self.q_proj(hidden_states).view(batch, seq_len, G, M, d)
+        selected = torch.gather(all_queries, 3, top_index.unsqueeze(-1).expand(-1, -1, -1, -1, d))  # [B, T, G, k, d]
+        return selected.view(batch, seq_len, G * k, d)
 
     def forward(
         self,
@@ -241,24 +271,26 @@ class GQEAttention(nn.Module):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, seq_len = hidden_states.shape[:-1]
-        G, M, k, d = self.num_groups, self.experts_per_group, self.top_k, self.head_dim
+        G, k, d = self.num_groups, self.top_k, self.head_dim
 
         _, top_probs, top_index = self.router(hidden_states)  # [B, T, G, k] each
-
-        # Only the selected experts' queries go on; the projection itself stays one dense matmul.
-        all_queries = self.q_proj(hidden_states).view(batch, seq_len, G, M, d)
-        selected = torch.gather(all_queries, 3, top_index.unsqueeze(-1).expand(-1, -1, -1, -1, d))  # [B,T,G,k,d]
-        query_states = selected.view(batch, seq_len, G * k, d)
-        if self.variant == "gqe":
-            query_states = torch.cat([query_states, self.q_shared(hidden_states).unsqueeze(2)], dim=2)
+        query_states = self.selected_queries(hidden_states, top_index)  # [B, T, G*k, d]
         key_states = self.k_proj(hidden_states).view(batch, seq_len, G, d)
-        value_states = self.v_proj(hidden_states).view(batch, seq_len, G, d).transpose(1, 2)  # [B, G, T, d]
+        value_states = self.v_proj(hidden_states).view(batch, seq_len, G, d)
+        if self.has_shared_head:
+            query_states = torch.cat([query_states, self.q_shared(hidden_states).view(batch, seq_len, 1, d)], dim=2)
 
         # RoPE while heads are the inner dimension: elementwise ops on contiguous tensors are ~3x faster on CPU.
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin, unsqueeze_dim=2)
+        if self.has_shared_head:
+            # The shared head's K/V: the mean over groups of the rotated keys (RoPE rotates every head alike, so
+            # this is the rotated mean key) and of the values, appended as KV head G and cached with the others.
+            key_states = torch.cat([key_states, key_states.mean(dim=2, keepdim=True)], dim=2)
+            value_states = torch.cat([value_states, value_states.mean(dim=2, keepdim=True)], dim=2)
         query_states = query_states.transpose(1, 2)  # [B, G*k (+1 shared), T, d]
-        key_states = key_states.transpose(1, 2)  # [B, G, T, d]
+        key_states = key_states.transpose(1, 2)  # [B, G (+1 shared), T, d]
+        value_states = value_states.transpose(1, 2)
 
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
@@ -266,44 +298,46 @@ class GQEAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        dropout = 0.0 if not self.training else self.attention_dropout
-        sliding_window = self.config.sliding_window
-
-        routed_output, attn_weights = attention_interface(
-            self,
-            query_states[:, : G * k],
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=dropout,
+        attention_kwargs = dict(
+            dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
-            sliding_window=sliding_window,
+            sliding_window=self.config.sliding_window,
             **kwargs,
-        )  # [B, T, G*k, d]
-        routed_output = routed_output.reshape(batch, seq_len, G, k, d)
-
-        if self.variant == "weighted_concat":
-            routed_output = routed_output * top_probs.unsqueeze(-1).to(routed_output.dtype)
-        slots = [routed_output.reshape(batch, seq_len, G * k * d)]
-
-        if self.variant == "gqe":
-            # Weighted slot: the router's gradient path from the LM loss. Weights normalised over all G*k picks.
-            weights = top_probs / top_probs.sum(dim=(-2, -1), keepdim=True)
-            slots.append((routed_output * weights.unsqueeze(-1).to(routed_output.dtype)).sum(dim=(2, 3)))
-            # Shared head: always on, attends to the mean over groups of the (cached, rotated) K and V.
+        )
+        if not self.has_shared_head or self.shared_head_in_routed_call:
+            attn_output, attn_weights = attention_interface(
+                self, query_states, key_states, value_states, attention_mask, **attention_kwargs
+            )  # [B, T, G*k (+1), d]
+        elif seq_len == 1:
+            # Decoding with k > 1: the shared query, repeated to k heads, joins the routed call on KV head G. The
+            # cache is then read once and never sliced (a slice of it would be copied); the k - 1 repeats add no
+            # memory traffic, which is what a decode step is bound by.
+            queries = torch.cat([query_states, query_states[:, G * k :].expand(-1, k - 1, -1, -1)], dim=1)
+            attn_output, attn_weights = attention_interface(
+                self, queries, key_states, value_states, attention_mask, **attention_kwargs
+            )  # [B, 1, (G+1)*k, d]: the shared head's output is at G*k
+        else:
+            # Prefill with k > 1: the routed heads on KV heads 0..G-1 and the shared head on KV head G, in two calls,
+            # so no attention is spent on repeats.
+            routed_output, attn_weights = attention_interface(
+                self, query_states[:, : G * k], key_states[:, :G], value_states[:, :G], attention_mask,
+                **attention_kwargs,
+            )
             shared_output, _ = attention_interface(
-                self.shared_head_attention,
-                query_states[:, G * k :],
-                key_states.mean(dim=1, keepdim=True),
-                value_states.mean(dim=1, keepdim=True),
-                attention_mask,
-                dropout=dropout,
-                scaling=self.scaling,
-                sliding_window=sliding_window,
-                **kwargs,
-            )  # [B, T, 1, d]
-            slots.append(shared_output.reshape(batch, seq_len, d))
+                self.shared_head_attention, query_states[:, G * k :], key_states[:, G:], value_states[:, G:],
+                attention_mask, **attention_kwargs,
+            )
+            attn_output = torch.cat([routed_output, shared_output], dim=2)  # [B, T, G*k + 1, d]
 
+        routed_output = attn_output[:, :, : G * k]  # [B, T, G*k, d]
+        if self.variant == "weighted_concat":
+            routed_output = routed_output * top_probs.view(batch, seq_len, G * k, 1).to(routed_output.dtype)
+        slots = [routed_output.reshape(batch, seq_len, G * k * d)]
+        if self.has_shared_head:
+            # Weighted slot: the router's gradient path from the LM loss. Weights normalised over all G*k picks.
+            weights = (top_probs / top_probs.sum(dim=(-2, -1), keepdim=True)).view(batch, seq_len, 1, G * k)
+            slots.append(torch.matmul(weights.to(routed_output.dtype), routed_output).view(batch, seq_len, d))
+            slots.append(attn_output[:, :, G * k])  # shared head
         attn_output = self.o_proj(torch.cat(slots, dim=-1))  # [B, T, D]
         return attn_output, attn_weights
 
@@ -560,8 +594,9 @@ class GQEForCausalLM(GQEPreTrainedModel, GenerationMixin):
         )
 
         hidden_states = outputs.last_hidden_state
-        hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
-        logits = self.lm_head(hidden_states)
+        # Only compute necessary logits (transformers < 5.20 has no `slice_logits_to_keep` helper).
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
 
         loss = None
         if labels is not None:

@@ -20,6 +20,21 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 os.environ.setdefault("GQE_DATA_DIR", str(SHARED_DATA))
 
 
+# Every variant with every selection rule: k = 1 (where ranked and partitioned coincide), k = 2 with each rule, and
+# k = 3 of M = 4 (ranked only: partitioned needs k to divide M).
+SETTINGS = [
+    (variant, routing, k)
+    for variant in ("gqe", "hard_concat", "weighted_concat")
+    for routing, k in (("ranked", 1), ("ranked", 2), ("partitioned", 2), ("ranked", 3))
+]
+SETTING_IDS = [f"{variant}-{routing}-k{k}" for variant, routing, k in SETTINGS]
+
+
+def setting_model(setting, **overrides) -> GQEForCausalLM:
+    variant, routing, k = setting
+    return tiny_model(gqe_variant=variant, expert_routing=routing, num_experts_per_tok=k, **overrides)
+
+
 def tiny_config(**overrides) -> GQEConfig:
     """Two layers, 8 query-head experts in 2 KV groups (M = 4), head_dim 8."""
     settings = dict(

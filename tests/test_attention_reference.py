@@ -1,10 +1,11 @@
-"""The packed GQE attention equals a naive per-token, per-group, per-expert computation (SPEC "The layer")."""
+"""The packed GQE attention equals a naive per-token, per-group, per-expert computation of the paper's layer."""
 
+import copy
 import itertools
-import math
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from conftest import tiny_model
 
@@ -134,11 +135,14 @@ def test_reference_detects_a_wrong_selection():
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
-def test_unselected_experts_are_never_attended(backend, monkeypatch):
-    """The backend receives exactly G*k routed query heads (plus one shared head in its own call)."""
+@pytest.mark.parametrize("variant,k", [("gqe", 1), ("gqe", 2), ("hard_concat", 1)])
+def test_unselected_experts_are_never_attended(backend, variant, k, monkeypatch):
+    """The backend receives exactly G*k routed query heads, plus the shared head: with k = 1 in the same call
+    (G + 1 query heads on G + 1 KV heads, the last KV head being the mean over groups), with k > 1 in a call of
+    its own on that mean head."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    model = tiny_model(attn_implementation=backend, num_experts_per_tok=1)
+    model = tiny_model(attn_implementation=backend, num_experts_per_tok=k, gqe_variant=variant)
     config = model.config
     seen = []
     original = ALL_ATTENTION_FUNCTIONS.get_interface
@@ -155,10 +159,50 @@ def test_unselected_experts_are_never_attended(backend, monkeypatch):
     monkeypatch.setattr(ALL_ATTENTION_FUNCTIONS, "get_interface", spy_interface)
     with torch.no_grad():
         model(torch.randint(3, 90, (1, 5)))
-    G, k = config.num_key_value_heads, config.num_experts_per_tok
-    assert seen[0] == (G * k, G, k)  # routed: G*k query heads on G KV heads
-    assert seen[1] == (1, 1, 1)  # shared head on the mean K/V
-    assert len(seen) == 2 * config.num_hidden_layers
+    G = config.num_key_value_heads
+    if variant != "gqe":
+        expected_calls = [(G * k, G, k)]
+    elif k == 1:
+        expected_calls = [(G + 1, G + 1, 1)]
+    else:
+        expected_calls = [(G * k, G, k), (1, 1, 1)]
+    assert seen == expected_calls * config.num_hidden_layers
     total_query_heads = sum(q for q, _, _ in seen) / config.num_hidden_layers
     assert total_query_heads == config.active_query_heads < config.num_attention_heads
-    assert math.isclose(config.active_query_heads / config.num_attention_heads, 3 / 8)
+
+
+@pytest.mark.parametrize("routing,k", [("ranked", 1), ("partitioned", 2), ("ranked", 3)])
+def test_a_decoded_token_multiplies_only_its_selected_experts_query_rows(routing, k):
+    """One token (B*T*k < M): the query projection reads only the selected experts' rows of q_proj. Filling every
+    other row with NaN leaves the step's logits finite and equal to those of the dense projection."""
+    model = tiny_model(num_experts_per_tok=k, expert_routing=routing, attention_bias=True)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("q_proj.bias"):
+                param.normal_(0, 0.1)
+    config = model.config
+    G, M, d = config.num_key_value_heads, config.num_experts_per_group, config.head_dim
+    prompt, token = torch.randint(3, 90, (1, 6)), torch.randint(3, 90, (1, 1))
+    picks = {}
+    hooks = [
+        layer.self_attn.router.register_forward_hook(lambda mod, args, out, i=i: picks.__setitem__(i, out[2]))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    with torch.no_grad():
+        expected = model(torch.cat([prompt, token], dim=1)).logits[:, -1]  # dense projection for every token
+        cache = DynamicCache(config=model.config)
+        model(prompt, past_key_values=cache)
+        snapshot = {i: layer.self_attn.q_proj.weight.clone() for i, layer in enumerate(model.model.layers)}
+        model(token, past_key_values=copy.deepcopy(cache))  # learn this step's picks
+        for i, layer in enumerate(model.model.layers):
+            selected = (picks[i][0, 0] + torch.arange(G)[:, None] * M).reshape(-1)
+            unselected = torch.ones(G * M, dtype=torch.bool)
+            unselected[selected] = False
+            layer.self_attn.q_proj.weight.view(G * M, d, -1)[unselected] = float("nan")
+        actual = model(token, past_key_values=cache).logits[:, -1]
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.q_proj.weight.copy_(snapshot[i])
+    for hook in hooks:
+        hook.remove()
+    assert torch.isfinite(actual).all()
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)

@@ -4,20 +4,18 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
-from conftest import tiny_model
+from conftest import SETTING_IDS, SETTINGS, setting_model, tiny_model
 
-
-VARIANTS = [("gqe", "ranked", 1), ("gqe", "ranked", 2), ("weighted_concat", "partitioned", 2), ("hard_concat", "ranked", 3)]
 
 
 def random_ids(batch, length, seed=0, vocab=97):
     return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("variant,routing,k", VARIANTS)
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
-def test_token_by_token_and_chunked_decoding_equal_full_forward(variant, routing, k, backend):
-    model = tiny_model(attn_implementation=backend, gqe_variant=variant, expert_routing=routing, num_experts_per_tok=k)
+def test_token_by_token_and_chunked_decoding_equal_full_forward(setting, backend):
+    model = setting_model(setting, attn_implementation=backend)
     input_ids = random_ids(2, 14)
     with torch.no_grad():
         full = model(input_ids).logits
@@ -31,8 +29,9 @@ def test_token_by_token_and_chunked_decoding_equal_full_forward(variant, routing
         torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_static_cache_decoding_equals_full_forward():
-    model = tiny_model()
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
+def test_static_cache_decoding_equals_full_forward(setting):
+    model = setting_model(setting)
     input_ids = random_ids(1, 10)
     with torch.no_grad():
         full = model(input_ids).logits
@@ -45,9 +44,10 @@ def test_static_cache_decoding_equals_full_forward():
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
-def test_greedy_generate_same_with_and_without_cache(backend):
-    model = tiny_model(attn_implementation=backend)
+def test_greedy_generate_same_with_and_without_cache(setting, backend):
+    model = setting_model(setting, attn_implementation=backend, eos_token_id=None)  # no early stop: full lengths
     input_ids = random_ids(2, 6)
     with torch.no_grad():
         cached = model.generate(input_ids, max_new_tokens=12, do_sample=False, use_cache=True)
@@ -58,29 +58,32 @@ def test_greedy_generate_same_with_and_without_cache(backend):
     assert torch.equal(cached, static)
 
 
-def test_sampling_and_beam_search_run_and_are_reproducible():
-    model = tiny_model()
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
+def test_sampling_is_reproducible_and_beam_scores_equal_a_full_forward(setting):
+    model = setting_model(setting, eos_token_id=None)
     input_ids = random_ids(1, 5)
     with torch.no_grad():
         torch.manual_seed(7)
         first = model.generate(input_ids, max_new_tokens=8, do_sample=True, top_k=20)
         torch.manual_seed(7)
         second = model.generate(input_ids, max_new_tokens=8, do_sample=True, top_k=20)
-        beams = model.generate(input_ids, max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False)
-        greedy = model.generate(input_ids, max_new_tokens=8, do_sample=False)
+        # length_penalty 0: a beam's score is the plain sum of its tokens' log-probabilities, which beam search
+        # accumulated step by step through the reordered cache.
+        beams = model.generate(input_ids, max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False,
+                               length_penalty=0.0, return_dict_in_generate=True, output_scores=True)
     assert torch.equal(first, second) and first.shape == (1, 13)
-    assert beams.shape == (2, 13)
-    # Beam search scores whole sequences: its best beam is at least as likely as greedy's.
-    def sequence_logprob(sequence):
+    assert beams.sequences.shape == (2, 13)
+    for sequence, score in zip(beams.sequences, beams.sequences_scores):
         with torch.no_grad():
             logprobs = model(sequence[None]).logits.log_softmax(-1)[0, 4:-1]
-        return logprobs.gather(-1, sequence[5:, None]).sum()
-    assert sequence_logprob(beams[0]) >= sequence_logprob(greedy[0]) - 1e-4
+        full_forward = logprobs.gather(-1, sequence[5:, None]).sum()
+        torch.testing.assert_close(score, full_forward, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
-def test_left_padded_batch_equals_each_row_alone(backend):
-    model = tiny_model(attn_implementation=backend)
+def test_left_padded_batch_equals_each_row_alone(setting, backend):
+    model = setting_model(setting, attn_implementation=backend, eos_token_id=None)
     short, long = random_ids(1, 4, seed=1)[0], random_ids(1, 9, seed=2)[0]
     pad = model.config.pad_token_id
     input_ids = torch.stack([torch.cat([torch.full((5,), pad), short]), long])
@@ -119,8 +122,11 @@ def test_logits_to_keep():
     torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=1e-6)
 
 
-def test_kv_cache_has_exactly_the_bytes_of_the_same_shape_gqa_model():
-    model = tiny_model(num_experts_per_tok=1)
+@pytest.mark.parametrize("variant", ["gqe", "hard_concat", "weighted_concat"])
+def test_kv_cache_bytes_against_the_same_shape_gqa_model(variant):
+    """hard_concat and weighted_concat cache exactly GQA's keys and values. "gqe" caches one more KV head per
+    layer, the shared head's mean K/V: (G + 1) / G of GQA's bytes, here 3/2 with G = 2 (the paper's G = 8: 9/8)."""
+    model = tiny_model(num_experts_per_tok=1, gqe_variant=variant)
     config = model.config
     llama = LlamaForCausalLM(
         LlamaConfig(
@@ -138,5 +144,12 @@ def test_kv_cache_has_exactly_the_bytes_of_the_same_shape_gqa_model():
         gqe_cache = model(input_ids, use_cache=True).past_key_values
         gqa_cache = llama(input_ids, use_cache=True).past_key_values
     G, d, L = config.num_key_value_heads, config.head_dim, config.num_hidden_layers
-    assert cache_bytes(gqe_cache) == cache_bytes(gqa_cache) == L * 2 * 2 * G * 11 * d * 4
-    assert [tuple(layer.keys.shape) for layer in gqe_cache.layers] == [(2, G, 11, d)] * L
+    cached_heads = G + 1 if variant == "gqe" else G
+    # layers x (keys, values) x batch x heads x tokens x head_dim x 4 bytes
+    assert cache_bytes(gqa_cache) == L * 2 * 2 * G * 11 * d * 4
+    assert cache_bytes(gqe_cache) == L * 2 * 2 * cached_heads * 11 * d * 4
+    assert [tuple(layer.keys.shape) for layer in gqe_cache.layers] == [(2, cached_heads, 11, d)] * L
+    if variant == "gqe":  # the extra head is the mean over groups of the cached keys and values
+        keys, values = gqe_cache.layers[0].keys, gqe_cache.layers[0].values
+        torch.testing.assert_close(keys[:, G], keys[:, :G].mean(1))
+        torch.testing.assert_close(values[:, G], values[:, :G].mean(1))

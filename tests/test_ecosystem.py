@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, pipeline
 
-from conftest import byte_blocks, char_tokenizer, tiny_model
+from conftest import byte_blocks, char_tokenizer, setting_model, tiny_model
 from modeling_gqe import GQEForCausalLM
 
 
@@ -78,8 +78,13 @@ def test_text_generation_pipeline_matches_generate(shakespeare_text, tmp_path):
     assert generator(prompt, max_new_tokens=12, do_sample=False)[0]["generated_text"] == expected_text
 
 
-def test_torch_compile_fullgraph_forward_gives_the_same_logits():
-    model = tiny_model()
+COMPILED_SETTINGS = [("gqe", "ranked", 1), ("gqe", "partitioned", 2), ("weighted_concat", "ranked", 2)]
+COMPILED_IDS = ["gqe-ranked-k1", "gqe-partitioned-k2", "weighted_concat-ranked-k2"]
+
+
+@pytest.mark.parametrize("setting", COMPILED_SETTINGS, ids=COMPILED_IDS)
+def test_torch_compile_fullgraph_forward_gives_the_same_logits(setting):
+    model = setting_model(setting)
     input_ids = torch.randint(3, 97, (2, 12))
     mask = torch.ones_like(input_ids)
     mask[0, :3] = 0  # left padding goes through the compiled mask path too
@@ -89,3 +94,16 @@ def test_torch_compile_fullgraph_forward_gives_the_same_logits():
             expected = model(input_ids, attention_mask=mask).logits
             torch.testing.assert_close(compiled(input_ids, attention_mask=mask).logits, expected, atol=1e-5, rtol=1e-5)
             input_ids = torch.randint(3, 97, (2, 12))
+
+
+@pytest.mark.parametrize("setting", COMPILED_SETTINGS[:2], ids=COMPILED_IDS[:2])
+def test_static_cache_generation_with_a_compiled_forward(setting):
+    """generate(cache_implementation="static") with `model.forward` compiled (fullgraph): the same tokens as eager
+    generation, through a compiled prefill and compiled one-token decode steps."""
+    model = setting_model(setting, eos_token_id=None)
+    input_ids = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        eager = model.generate(input_ids, max_new_tokens=10, do_sample=False, cache_implementation="static")
+        model.forward = torch.compile(model.forward, fullgraph=True)
+        compiled = model.generate(input_ids, max_new_tokens=10, do_sample=False, cache_implementation="static")
+    assert compiled.shape == (2, 17) and torch.equal(compiled, eager)

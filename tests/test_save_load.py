@@ -10,12 +10,17 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from conftest import tiny_model
+import pytest
+from conftest import REPO_ROOT, SETTING_IDS, SETTINGS, setting_model, tiny_model
 from modeling_gqe import GQEForSequenceClassification, GQEModel
 
 
-def test_save_and_auto_load_reproduce_logits(tmp_path):
-    model = tiny_model(num_experts_per_tok=2)
+FIXTURES = REPO_ROOT / "tests" / "fixtures" / "checkpoints-0.1"
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
+def test_save_and_auto_load_reproduce_logits(setting, tmp_path):
+    model = setting_model(setting)
     model.save_pretrained(tmp_path)
     input_ids = torch.randint(3, 97, (2, 10))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -50,9 +55,11 @@ def test_save_pretrained_writes_auto_map_and_standalone_files(tmp_path):
     assert (tmp_path / "configuration_gqe.py").exists() and (tmp_path / "modeling_gqe.py").exists()
 
 
-def test_trust_remote_code_folder_loads_in_a_process_that_never_imports_the_package(tmp_path):
+@pytest.mark.parametrize("setting", [("gqe", "ranked", 1), ("gqe", "partitioned", 2), ("weighted_concat", "ranked", 3)],
+                         ids=["gqe-ranked-k1", "gqe-partitioned-k2", "weighted_concat-ranked-k3"])
+def test_trust_remote_code_folder_loads_in_a_process_that_never_imports_the_package(setting, tmp_path):
     folder = tmp_path / "checkpoint"
-    model = tiny_model(num_experts_per_tok=2, gqe_variant="gqe")
+    model = setting_model(setting)
     model.save_pretrained(folder)
     input_ids = torch.randint(3, 97, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -80,3 +87,16 @@ def test_trust_remote_code_folder_loads_in_a_process_that_never_imports_the_pack
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "remote-code-ok GQEForCausalLM" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["gqe-ranked-k1", "gqe-partitioned-k2", "hard_concat-ranked-k2",
+                                  "weighted_concat-partitioned-k2"])
+def test_checkpoints_saved_by_version_0_1_load_and_give_the_same_logits(name):
+    """Weights written before the shared head's K/V was cached (tests/fixtures/checkpoints-0.1, made with commit
+    207d3ba's code, logits included) give the same logits through today's code: the parameters did not change."""
+    expected = torch.load(FIXTURES / "expected_logits.pt")
+    model = AutoModelForCausalLM.from_pretrained(FIXTURES / name).eval()
+    with torch.no_grad():
+        logits = model(expected["input_ids"], attention_mask=expected["attention_mask"]).logits
+    keep = expected["attention_mask"].bool()  # padded positions' logits are not meaningful
+    torch.testing.assert_close(logits[keep], expected[name][keep], atol=1e-5, rtol=1e-5)
