@@ -6,7 +6,7 @@ Paper shape: hidden 1024, 16 query-head experts, 8 KV heads, head_dim 64, k = 1,
 For each context length, GQE and Llama are timed in alternation, --repeats pairs, reported as the median of
 the per-pair ratios Llama time / GQE time, on three levels:
 - kernel: the attention calls alone (SDPA on the tensors each model feeds it); ceiling 16/9 = 1.78x,
-- attention: the whole attention module (projections, RoPE, router, gather, both calls, slots, o_proj);
+- attention: the whole attention module (projections, RoPE, router, gather, the attention call, slots, o_proj);
   its FLOP ceiling is lower, since the K/V/Q projections are nearly the same in both (column "FLOP ceiling"),
 - model: a whole small model (--model-layers layers, up to --model-max-length tokens).
 Then a profile of one GQE attention prefill showing where its time goes.
@@ -20,7 +20,7 @@ import argparse
 from collections import defaultdict
 
 import torch
-from common import compare, machine
+from common import compare, report
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention
 
@@ -53,11 +53,11 @@ def module_flop_ceiling(length: int) -> float:
 
 
 def kernel_inputs(length, device, dtype):
-    """The tensors the attention kernel sees: Llama's 16 query heads on 8 KV heads; GQE's 8 routed heads on
-    the same 8 KV heads plus the shared head on the mean K/V."""
+    """The tensors the attention kernel sees: Llama's 16 query heads on 8 KV heads; GQE's one call of 8 routed
+    heads plus the shared head on 8 KV heads plus the mean K/V head (k = 1: one query head per KV head)."""
     d, G, H = PAPER_SHAPE["head_dim"], PAPER_SHAPE["num_key_value_heads"], PAPER_SHAPE["num_attention_heads"]
     shape = lambda heads: torch.randn(1, heads, length, d, device=device, dtype=dtype)
-    return shape(H), shape(G), shape(G), shape(G), shape(1), shape(1), shape(1)
+    return shape(H), shape(G), shape(G), shape(G + 1), shape(G + 1), shape(G + 1)
 
 
 def attention_inputs(model, length, device, dtype):
@@ -88,9 +88,9 @@ def build(layers, backend, device, dtype):
 def compare_kernels(length, device, dtype, repeats) -> tuple[float, float, float]:
     """The attention calls alone (see `kernel_inputs`): `compare`'s (GQE s, Llama s, speed-up)."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    q16, q8, k8, v8, q1, k1, v1 = kernel_inputs(length, device, dtype)
+    q16, k8, v8, q9, k9, v9 = kernel_inputs(length, device, dtype)
     return compare(
-        lambda: (sdpa(q8, k8, v8, is_causal=True), sdpa(q1, k1, v1, is_causal=True)),
+        lambda: sdpa(q9, k9, v9, is_causal=True),
         lambda: sdpa(q16, k8, v8, is_causal=True, enable_gqa=True),
         device, repeats,
     )
@@ -123,7 +123,7 @@ def profile_attention(attention, hidden, position_embeddings) -> dict[str, float
     for event in prof.key_averages(group_by_input_shape=True):
         name, shapes = event.key, event.input_shapes
         if name in ("aten::scaled_dot_product_attention", "aten::matmul") and shapes and len(shapes[0]) == 4:
-            bucket = "shared-head attention" if shapes[0][1] == 1 else "routed attention (G*k heads)"
+            bucket = "attention (G*k routed + shared head, one call)"
         elif name == "aten::linear" and shapes and len(shapes) > 1 and shapes[1] and shapes[1][0] == router_width:
             bucket = "router (linear + softmax + top-k)"
         elif name in ("aten::softmax", "aten::_softmax", "aten::topk", "aten::max") and shapes and shapes[0] and shapes[0][-1] <= group_size:
@@ -131,7 +131,7 @@ def profile_attention(attention, hidden, position_embeddings) -> dict[str, float
         elif name == "aten::gather":
             bucket = "gather selected queries"
         elif name == "aten::mean":
-            bucket = "mean K/V for the shared head"
+            bucket = "mean K/V for the shared head (new tokens only)"
         elif name == "aten::linear":
             bucket = "projections (q, k, v, q_shared, o)"
         else:
@@ -154,41 +154,45 @@ def main():
     parser.add_argument("--backends", nargs="+", default=["sdpa"])
     parser.add_argument("--skip-model", action="store_true", help="attention module only")
     parser.add_argument("--model-max-length", type=int, default=8192, help="longest whole-model comparison")
+    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    ceiling = PAPER_SHAPE["num_attention_heads"] / 9
-    print(f"# {machine(device)}, {args.dtype}, {args.repeats} alternating pairs: median times and "
-          f"median of per-pair speed-ups (Llama / GQE); kernel ceiling {ceiling:.2f}x")
-    print("| backend | tokens | kernel GQE ms | kernel Llama ms | kernel speed-up | attention GQE ms | attention Llama ms "
-          "| attention speed-up | attention FLOP ceiling | model GQE ms | model Llama ms | model speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows, notes = [], []
     for backend in args.backends:
         gqe, llama = build(args.model_layers, backend, device, dtype)
         for length in args.lengths:
-            kernel_gqe, kernel_llama, kernel_ratio = compare_kernels(length, device, dtype, args.repeats)
-            row = f"| {backend} | {length} | {kernel_gqe * 1e3:.1f} | {kernel_llama * 1e3:.1f} | {kernel_ratio:.2f}x |"
-            attn_gqe, attn_llama, attn_ratio = compare_attention(gqe, llama, length, device, dtype, args.repeats)
-            row += f" {attn_gqe * 1e3:.1f} | {attn_llama * 1e3:.1f} | {attn_ratio:.2f}x | {module_flop_ceiling(length):.2f}x |"
-            with torch.no_grad():
-                if args.skip_model or length > args.model_max_length:
-                    row += " - | - | - |"
-                else:
-                    input_ids = torch.randint(0, PAPER_SHAPE["vocab_size"], (1, length), device=device)
-                    model_gqe, model_llama, model_ratio = compare(
+            row = {"backend": backend, "tokens": length}
+            gqe_s, llama_s, ratio = compare_kernels(length, device, dtype, args.repeats)
+            row.update({"kernel GQE ms": gqe_s * 1e3, "kernel Llama ms": llama_s * 1e3, "kernel speed-up": ratio})
+            gqe_s, llama_s, ratio = compare_attention(gqe, llama, length, device, dtype, args.repeats)
+            row.update({"attention GQE ms": gqe_s * 1e3, "attention Llama ms": llama_s * 1e3,
+                        "attention speed-up": ratio, "attention FLOP ceiling": module_flop_ceiling(length)})
+            if not args.skip_model and length <= args.model_max_length:
+                input_ids = torch.randint(0, PAPER_SHAPE["vocab_size"], (1, length), device=device)
+                with torch.no_grad():
+                    gqe_s, llama_s, ratio = compare(
                         lambda: gqe.model(input_ids, use_cache=False),
                         lambda: llama.model(input_ids, use_cache=False),
                         device, args.repeats,
                     )
-                    row += f" {model_gqe * 1e3:.1f} | {model_llama * 1e3:.1f} | {model_ratio:.2f}x |"
+                row.update({"model GQE ms": gqe_s * 1e3, "model Llama ms": llama_s * 1e3, "model speed-up": ratio})
+            rows.append(row)
             print(row, flush=True)
         if device.type == "cpu":
             for length in (args.lengths[0], args.lengths[-1]):
                 hidden, position_embeddings = attention_inputs(gqe, length, device, dtype)
                 shares = profile_attention(gqe.model.layers[0].self_attn, hidden, position_embeddings)
-                print(f"\nWhere one GQE attention prefill spends its time ({backend}, {length} tokens):")
-                for bucket, share in shares.items():
-                    print(f"- {bucket}: {share:.1%}")
+                notes.append(f"Where one GQE attention prefill spends its time ({backend}, {length} tokens): "
+                             + ", ".join(f"{bucket} {share:.1%}" for bucket, share in shares.items()))
+    columns = ["backend", "tokens", "kernel GQE ms", "kernel Llama ms", "kernel speed-up", "attention GQE ms",
+               "attention Llama ms", "attention speed-up", "attention FLOP ceiling", "model GQE ms", "model Llama ms",
+               "model speed-up"]
+    formats = {column: ".1f" for column in columns if column.endswith(" ms")}
+    formats.update({column: ".2f" for column in columns if "speed-up" in column or "ceiling" in column})
+    report(f"Prefill, paper shape: GQE vs Llama ({args.dtype}, median of {args.repeats} alternating pairs)", columns,
+           rows, formats, json_path=args.json, device=device,
+           notes=[f"Kernel ceiling {PAPER_SHAPE['num_attention_heads'] / 9:.2f}x (16 query heads vs 9)."] + notes)
 
 
 if __name__ == "__main__":

