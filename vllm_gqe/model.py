@@ -1,0 +1,189 @@
+"""Grouped Query Experts for vLLM, built from vLLM's parallel layers, and sharded by KV group.
+
+It reads the same config (`modeling_gqe.GQEConfig`) and checkpoint names as the transformers model and is
+tested against it (tests_vllm/). Everything outside attention is vLLM's own Llama (embedding, RMSNorm, MLP, LM
+head), with this attention in its decoder layers. Per token and KV group g, the router picks k of the group's M
+query-head experts; the selected queries are attended in one vLLM attention layer, G*k query heads on the G KV
+heads; the "gqe" variant's shared head attends to the mean over groups of the rotated keys and values, which is
+computed once per token and kept in the shared head's own paged cache (a second attention layer, one head).
+
+Tensor parallelism: each rank owns G/N whole groups (their experts' query rows, their router rows, their KV
+head and their hard output slots), so it needs N to divide G. Two things span all groups: the weighted slot's
+normaliser (the sum of every selected probability) and the shared head's mean K/V, each one all-reduce of a
+few numbers per token. The output projection then sums, across ranks, each rank's hard slots, its partial
+weighted slot and (rank 0 only) the shared slot.
+
+Shapes: T tokens (all sequences of the step), D hidden size, G KV groups (Gl = G / tensor-parallel size on
+this rank), M experts per group, k selected per group, d head_dim.
+"""
+
+import torch
+from torch import nn
+from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import (
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
+from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+
+from .servable import check_servable
+from .sharding import rank_output_columns
+
+
+def pick_experts(router_probs: torch.Tensor, top_k: int, expert_routing: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, Gl, M] probabilities -> (probabilities, experts), each [T, Gl, k]. "ranked": the k most probable, in
+    rank order. "partitioned": the most probable of each of k consecutive blocks of M/k experts, in block order."""
+    if expert_routing == "ranked":
+        return router_probs.topk(top_k, dim=-1)
+    tokens, groups, experts = router_probs.shape
+    width = experts // top_k
+    best_probs, best_in_block = router_probs.view(tokens, groups, top_k, width).max(dim=-1)
+    return best_probs, best_in_block + torch.arange(0, experts, width, device=router_probs.device)
+
+
+class GQEOutputProjection(RowParallelLinear):
+    """`o_proj` over this rank's slots: its groups' G/N*k hard slots, then (variant "gqe") its partial weighted
+    slot and the shared slot. Loads the checkpoint's [D, S*d] weight by slot: the rank's hard columns, the weighted
+    columns on every rank (each rank's input is a partial sum), the shared columns on rank 0 only (zero elsewhere:
+    the shared head's output is the same on every rank and must count once). The bias is added on rank 0."""
+
+    def __init__(self, config, prefix: str, quant_config: QuantizationConfig | None = None):
+        tp_size = get_tensor_model_parallel_world_size()
+        d = config.head_dim
+        self.num_groups, self.top_k, self.head_dim = config.num_key_value_heads, config.num_experts_per_tok, d
+        self.has_shared_head = config.gqe_variant == "gqe"
+        self.hard_width = config.num_key_value_heads // tp_size * config.num_experts_per_tok * d
+        self.extra_width = 2 * d if config.gqe_variant == "gqe" else 0
+        super().__init__(
+            input_size=tp_size * (self.hard_width + self.extra_width), output_size=config.hidden_size,
+            bias=config.attention_bias, input_is_parallel=True, quant_config=quant_config, prefix=prefix,
+        )
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        if loaded_weight.dim() == 1:  # bias: every rank holds it, only rank 0 adds it
+            param.data.copy_(loaded_weight)
+            return
+        param.data.copy_(rank_output_columns(loaded_weight, self.num_groups, self.top_k, self.head_dim,
+                                             self.has_shared_head, self.tp_rank, self.tp_size))
+
+    weight_loader_v2 = weight_loader
+
+
+class GQEAttention(nn.Module):
+    def __init__(
+        self,
+        config,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        max_position_embeddings: int = 8192,
+        quant_config: QuantizationConfig | None = None,
+        bias: bool = False,
+        bias_o_proj: bool = False,
+        cache_config: CacheConfig | None = None,
+        prefix: str = "",
+        **unused,
+    ) -> None:
+        super().__init__()
+        tp_size = get_tensor_model_parallel_world_size()
+        self.tp_size = tp_size
+        self.head_dim = d = config.head_dim
+        self.num_groups = config.num_key_value_heads
+        self.local_groups = self.num_groups // tp_size
+        self.experts_per_group = config.num_experts_per_group
+        self.top_k = config.num_experts_per_tok
+        self.variant = config.gqe_variant
+        self.expert_routing = config.expert_routing
+        self.has_shared_head = self.variant == "gqe"
+        self.q_size = self.local_groups * self.experts_per_group * d
+        self.kv_size = self.local_groups * d
+        scaling = d**-0.5
+
+        # q (every expert of the rank's groups), k, v: the checkpoint's q_proj / k_proj / v_proj, stacked.
+        self.qkv_proj = QKVParallelLinear(
+            hidden_size=hidden_size, head_size=d, total_num_heads=config.num_attention_heads,
+            total_num_kv_heads=self.num_groups, bias=config.attention_bias, quant_config=quant_config,
+            prefix=f"{prefix}.qkv_proj",
+        )
+        # The router in fp32 (its softmax and selection must not flip with bf16 rounding); rows of the rank's groups.
+        self.router = ColumnParallelLinear(
+            hidden_size, self.num_groups * self.experts_per_group, bias=False, gather_output=False,
+            params_dtype=torch.float32, prefix=f"{prefix}.router",
+        )
+        if self.has_shared_head:
+            self.q_shared = ReplicatedLinear(hidden_size, d, bias=config.attention_bias, quant_config=quant_config,
+                                             prefix=f"{prefix}.q_shared")
+        self.o_proj = GQEOutputProjection(config, prefix=f"{prefix}.o_proj", quant_config=quant_config)
+        self.rotary_emb = get_rope(d, max_position=max_position_embeddings, is_neox_style=True,
+                                   rope_parameters=getattr(config, "rope_parameters", None))
+        sliding_window = getattr(config, "sliding_window", None)
+        self.attn = Attention(
+            self.local_groups * self.top_k, d, scaling, num_kv_heads=self.local_groups, cache_config=cache_config,
+            quant_config=quant_config, per_layer_sliding_window=sliding_window, prefix=f"{prefix}.attn",
+        )
+        if self.has_shared_head:
+            self.shared_attn = Attention(
+                1, d, scaling, num_kv_heads=1, cache_config=cache_config, quant_config=quant_config,
+                per_layer_sliding_window=sliding_window, prefix=f"{prefix}.shared_attn",
+            )
+
+    def all_groups_sum(self, local_sum: torch.Tensor) -> torch.Tensor:
+        return tensor_model_parallel_all_reduce(local_sum) if self.tp_size > 1 else local_sum
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        tokens = hidden_states.shape[0]
+        Gl, M, k, d = self.local_groups, self.experts_per_group, self.top_k, self.head_dim
+
+        router_logits, _ = self.router(hidden_states.float())  # [T, Gl*M], fp32
+        top_probs, top_index = pick_experts(router_logits.view(tokens, Gl, M).softmax(dim=-1), k, self.expert_routing)
+
+        qkv, _ = self.qkv_proj(hidden_states)
+        all_queries, keys, values = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        queries = all_queries.reshape(tokens, Gl, M, d).gather(2, top_index.unsqueeze(-1).expand(-1, -1, -1, d))
+        queries = queries.reshape(tokens, Gl * k * d)
+        if self.has_shared_head:
+            shared_query, _ = self.q_shared(hidden_states)
+            queries = torch.cat([queries, shared_query], dim=-1)  # rotated together: [T, (Gl*k + 1) * d]
+        queries, keys = self.rotary_emb(positions, queries, keys)
+
+        routed = self.attn(queries[:, : Gl * k * d].contiguous(), keys, values)  # [T, Gl*k*d]
+        routed = routed.view(tokens, Gl * k, d)
+        if self.variant == "weighted_concat":
+            routed = routed * top_probs.view(tokens, Gl * k, 1).to(routed.dtype)
+        slots = [routed.reshape(tokens, Gl * k * d)]
+        if self.has_shared_head:
+            # Weighted slot: probabilities normalised over the selections of all G groups (all ranks); this
+            # rank contributes its groups' part, and o_proj's all-reduce adds the parts.
+            total = self.all_groups_sum(top_probs.sum(dim=(1, 2), keepdim=True))  # [T, 1, 1]
+            weights = (top_probs / total).view(tokens, 1, Gl * k).to(routed.dtype)
+            slots.append(torch.bmm(weights, routed).view(tokens, d))
+            # Shared head: the mean over all G groups of the rotated keys and of the values, cached by its own
+            # attention layer when written (once per token).
+            key_sum = keys.view(tokens, Gl, d).sum(dim=1)
+            value_sum = values.view(tokens, Gl, d).sum(dim=1)
+            mean_kv = self.all_groups_sum(torch.cat([key_sum, value_sum], dim=-1)) / self.num_groups
+            shared = self.shared_attn(queries[:, Gl * k * d :].contiguous(), mean_kv[:, :d].contiguous(),
+                                      mean_kv[:, d:].contiguous())
+            slots.append(shared)
+        output, _ = self.o_proj(torch.cat(slots, dim=-1))
+        return output
+
+
+class GQEDecoderLayer(LlamaDecoderLayer):
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None) -> None:
+        super().__init__(vllm_config, prefix=prefix, config=config, attn_layer_type=GQEAttention)
+
+
+class GQEForCausalLM(LlamaForCausalLM):
+    """vLLM's Llama causal LM with GQE attention in every decoder layer; loads `modeling_gqe` checkpoints."""
+
+    # LoRA on the stacked projections only: the router, q_shared and the slot-wise o_proj are GQE's own.
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        check_servable(vllm_config.model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=GQEDecoderLayer)
