@@ -30,14 +30,10 @@ from .layout import SourceAttention, set_sparse_experts, sparse_blocks
 from .sources import llama_named_state_dict
 
 
-def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, relative_ridge: float,
-                prior: torch.Tensor | None = None) -> torch.Tensor:
-    """argmin_W ||X W - Y||^2 + lambda ||W - prior||^2 from X^T X and X^T Y (prior 0 when None), lambda relative
-    to the mean diagonal of X^T X."""
+def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, relative_ridge: float) -> torch.Tensor:
+    """argmin_W ||X W - Y||^2 + lambda ||W||^2 from X^T X and X^T Y, lambda relative to the mean diagonal."""
     ridge = relative_ridge * gram.diagonal().mean().clamp(min=1e-12)
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    if prior is not None:
-        cross = cross + ridge * prior
     return torch.linalg.solve(gram + ridge * eye, cross)
 
 
@@ -128,10 +124,7 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
             output_gram = output_gram + features.T @ features
             output_cross = output_cross + features.T @ y
         handle.remove()
-        # Shrunk towards the layout's own projection (the source's columns for single-head slots, the block mean
-        # otherwise), not towards zero: what the fit does not learn from the calibration text stays the source's.
-        prior = attn.o_proj.weight.T.double()
-        attn.o_proj.weight.copy_(ridge_solve(output_gram, output_cross, output_ridge, prior).T.to(attn.o_proj.weight.dtype))
+        attn.o_proj.weight.copy_(ridge_solve(output_gram, output_cross, output_ridge).T.to(attn.o_proj.weight.dtype))
 
         # 3. Next layer's input, through the converted layer as it now is.
         hidden = [
