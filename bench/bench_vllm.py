@@ -14,6 +14,7 @@ pair is the bundled GGUF, saved as a Transformers folder, and its `gqe-upcycle -
 """
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -54,6 +55,9 @@ def smollm2_pair(work: Path) -> tuple[Path, Path]:
 
     source, tokenizer = load_source(str(smollm2_folder()), SMOLLM2_GGUF)
     as_plain_model(source).save_pretrained(work / "smollm2")  # GGUF-loaded weights are flagged unserialisable
+    config_file = work / "smollm2" / "config.json"  # and the config keeps the GGUF flag, which vLLM would follow
+    config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items()
+                                       if k != "quantization_config"}, indent=2))
     tokenizer.save_pretrained(work / "smollm2")
     upcycle(str(work / "smollm2"), work / "smollm2-gqe-k2", mode="sparse", top_k=2,
             calibration_file=str(data_file(SHAKESPEARE)), calibration_tokens=4096, held_out_tokens=2048)
