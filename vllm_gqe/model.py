@@ -1,8 +1,9 @@
 """Grouped Query Experts for vLLM, built from vLLM's parallel layers, and sharded by KV group.
 
 It reads the same config (`modeling_gqe.GQEConfig`) and checkpoint names as the transformers model and is
-tested against it (tests/test_vllm.py; the sharding arithmetic in tests/test_vllm_sharding.py). Everything outside attention is vLLM's own Llama (embedding, RMSNorm, MLP, LM
-head), with this attention in its decoder layers. Per token and KV group g, the router picks k of the group's M
+tested against it (tests/test_vllm.py; the sharding arithmetic in tests/test_vllm_sharding.py). Everything
+outside attention is vLLM's own Llama (embedding, RMSNorm, MLP, LM head), with this attention in its decoder
+layers. Per token and KV group g, the router picks k of the group's M
 query-head experts; the selected queries are attended in one vLLM attention layer, G*k query heads on the G KV
 heads; the "gqe" variant's shared head attends to the mean over groups of the rotated keys and values, which is
 computed once per token and kept in the shared head's own paged cache (a second attention layer, one head).
