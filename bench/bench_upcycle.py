@@ -1,14 +1,20 @@
-"""Upcycling SmolLM2-135M into sparse GQE: held-out perplexity before and after healing.
+"""Upcycling SmolLM2-135M into sparse GQE: every domain and task, before and after healing, next to a dense control.
 
-For K = 2 and K = 1 query heads kept per KV group (7 and 4 of 9 query-attention computations per token, shared
-head included): perplexity on held-out tinyshakespeare (last 10% of the file) of the source, of the naive
-alternative (random heads dropped, 1 seed), of the calibrated conversion, and after healing on --heal-tokens
-training tokens of the first 90% (distillation from the source with `gqe-heal`). Healing also adapts to
-Shakespeare, which the source never saw, so the dense control gives the source itself the same fine-tune (same
-tokens, loss, schedule and seed): "healed GQE / healed source" is the cost of sparsity after healing.
+Rows: the source; its exact conversion (copies of every head: the same function, measured to show it); sparse
+K = 2 and K = 1 (7 and 4 of 9 query-attention computations per token, shared head included) after conversion and
+after healing on --heal-tokens tokens with `gqe-heal` (distillation from the source); and the dense control: the
+source itself given the same fine-tune (same tokens in the same order, same loss, schedule and seed), since
+healing also adapts a model to its training text. "healed GQE / healed control" is the cost of sparsity after
+healing.
 
-    python bench/bench_upcycle.py                                   # CPU: 0.1M healing tokens
-    python bench/bench_upcycle.py --heal-tokens 100000 1000000      # with a GPU
+Calibration and healing read --data through the converter's data path (default: tinyshakespeare, WikiText-2 and
+SciQ's science passages mixed equally, the fit parts only); every row is measured with `gqe-eval`'s pieces:
+perplexity on each domain's held-out part (text no fit or heal saw) and zero-shot acc_norm through
+lm-evaluation-harness.
+
+    python bench/bench_upcycle.py                                    # about 90 min on 2 CPU cores
+    python bench/bench_upcycle.py --top-k 2 --no-exact --limit 100   # K = 2 and the control only
+    python bench/bench_upcycle.py --data ../shared/data/tinyshakespeare.txt --domains shakespeare --tasks
 """
 
 import argparse
@@ -18,90 +24,116 @@ import time
 from pathlib import Path
 
 import common  # noqa: F401  (puts the repository on sys.path when run from a checkout)
+from common import report
 
 from convert.data import load_token_blocks
-from convert.evaluate import perplexity as held_out_perplexity
+from convert.evaluate import domain_perplexities, domain_sources, zero_shot
 from convert.heal import distill, heal
-from convert.layout import head_dropping_baseline
-from convert.resources import SHAKESPEARE, SMOLLM2_GGUF as GGUF, data_file, smollm2_folder
-from convert.sources import load_source
+from convert.layout import build_exact
+from convert.resources import SMOLLM2_GGUF as GGUF, smollm2_folder
+from convert.sources import load_checkpoint
 from convert.upcycle import upcycle
 
 
-TEXT = data_file(SHAKESPEARE)
+def measure(model, tokenizer, args) -> dict:
+    """Perplexity per domain and zero-shot acc_norm (in points) per task, with their average."""
+    row = {f"ppl {domain}": ppl for domain, ppl in
+           domain_perplexities(model, tokenizer, args.domains, args.eval_tokens, args.eval_window).items()}
+    if args.tasks:
+        scores = zero_shot(model, tokenizer, args.tasks, args.limit or None)
+        row.update({task: 100 * scores[task]["acc_norm"] for task in args.tasks})
+        row["zero-shot average"] = sum(row[task] for task in args.tasks) / len(args.tasks)
+    return row
+
+
+def display(row: dict, reference: dict | None, reference_name: str, args) -> dict:
+    """The table's cells: perplexity with its ratio to the reference row, scores with their difference."""
+    cells = {"checkpoint": row["checkpoint"]}
+    for domain in args.domains:
+        value = row[f"ppl {domain}"]
+        ratio = f" ({value / reference[f'ppl {domain}']:.2f}x {reference_name})" if reference else ""
+        cells[f"ppl {domain}"] = f"{value:.2f}{ratio}"
+    for column in [*args.tasks, "zero-shot average"] if args.tasks else []:
+        delta = f" ({row[column] - reference[column]:+.1f})" if reference else ""
+        cells[column] = f"{row[column]:.1f}{delta}"
+    return cells
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", nargs="*", help="calibration and healing sources (default: every domain, mixed "
+                        "equally), as the converter takes them: PATH[,weight=W][,column=NAME]")
     parser.add_argument("--top-k", type=int, nargs="*", default=[2, 1], help="none (just the flag): no conversions")
     parser.add_argument("--heal-tokens", type=int, nargs="*", default=[100_000],
                         help="healing budgets; none (just the flag) for conversion only")
     parser.add_argument("--calibration-tokens", type=int, default=16384)
+    parser.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure the exact conversion (3 copies of each head)")
     parser.add_argument("--dense-control", action=argparse.BooleanOptionalAction, default=True,
                         help="also fine-tune the dense source with the healing recipe, for each healing budget")
+    parser.add_argument("--domains", nargs="*", default=["shakespeare", "wikitext", "science"])
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per domain")
+    parser.add_argument("--eval-window", type=int, default=512)
+    parser.add_argument("--tasks", nargs="*", default=["piqa", "arc_easy", "hellaswag"], help="none: no zero-shot")
+    parser.add_argument("--limit", type=int, default=200, help="examples per task (the first ones); 0 for all")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
     src = str(smollm2_folder())
-    source, tokenizer = load_source(src, GGUF)
-    held_out = load_token_blocks([TEXT], tokenizer, 256, args.calibration_tokens, held_out_tokens=8192).held_out
-    source_ppl = held_out_perplexity(source, held_out)
+    data = args.data or [f"{spec},weight=1" for spec in domain_sources().values()]
+    source, tokenizer = load_checkpoint(src, GGUF)
     rows = []
+
+    def add(name, model, started, **extra):
+        rows.append({"checkpoint": name, **measure(model, tokenizer, args), **extra,
+                     "minutes": round((time.time() - started) / 60, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+        return rows[-1]
+
+    source_row = add("SmolLM2-135M (source)", source, time.time())
+    if args.exact:
+        add("exact (3 copies of each head)", build_exact(source, copies=3, noise=0.0, seed=0), time.time())
     with tempfile.TemporaryDirectory() as work:
         for top_k in args.top_k:
-            start = time.time()
-            converted = Path(work) / f"k{top_k}"
-            report = upcycle(src, converted, mode="sparse", top_k=top_k, gguf_file=GGUF, calibration_file=str(TEXT),
-                             calibration_tokens=args.calibration_tokens)
-            row = {
-                "K": top_k,
-                "active query heads": 3 * top_k + 1,
-                "source": source_ppl,
-                "random head dropping": held_out_perplexity(head_dropping_baseline(source, top_k), held_out),
-                "converted": report["held-out perplexity (converted)"],
-                "conversion seconds": round(time.time() - start),
-            }
+            started, converted = time.time(), Path(work) / f"k{top_k}"
+            upcycle(src, converted, mode="sparse", top_k=top_k, gguf_file=GGUF, calibration_data=data,
+                    calibration_tokens=args.calibration_tokens)
+            add(f"K = {top_k}, converted", load_checkpoint(str(converted))[0], started)
             for tokens in args.heal_tokens:
-                start = time.time()
-                healed = heal(str(converted), src, str(Path(work) / f"k{top_k}-healed-{tokens}"), text_file=str(TEXT),
-                              gguf_file=GGUF, tokens=tokens)
-                row[f"healed {tokens} tokens"] = healed["held-out perplexity (GQE after healing)"]
-                row[f"healing seconds {tokens}"] = round(time.time() - start)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-
+                started, healed = time.time(), Path(work) / f"k{top_k}-healed-{tokens}"
+                heal(str(converted), src, str(healed), data=data, gguf_file=GGUF, tokens=tokens)
+                add(f"K = {top_k}, healed on {tokens} tokens", load_checkpoint(str(healed))[0], started,
+                    healed_tokens=tokens)
+    controls = {}
     if args.dense_control:
-        row = {"K": "dense source", "active query heads": 9, "source": source_ppl}
         for tokens in args.heal_tokens:
-            start = time.time()
-            train_ids = load_token_blocks([TEXT], tokenizer, 256, tokens).fit
-            # a fresh model with the source's weights: the GGUF-loaded source is flagged as quantized (though
-            # dequantised to fp32), and Trainer refuses to fine-tune a model with that flag
+            started = time.time()
+            train_ids = load_token_blocks(data, tokenizer, 256, tokens).fit  # exactly what gqe-heal trains on
             student = type(source)(source.config)
             student.load_state_dict(source.state_dict())
             with tempfile.TemporaryDirectory() as work:
                 distill(student, source, train_ids, work)
-            row[f"healed {tokens} tokens"] = held_out_perplexity(student, held_out)
-            row[f"healing seconds {tokens}"] = round(time.time() - start)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+            controls[tokens] = add(f"dense control, tuned on {tokens} tokens", student, started, healed_tokens=tokens)
 
-    print(f"\nheld-out: last 10% of {TEXT.name}, {held_out.numel()} tokens; source perplexity {source_ppl:.2f}\n")
-    heal_columns = [f"healed {tokens} tokens" for tokens in args.heal_tokens]
-    columns = ["source", "random head dropping", "converted", *heal_columns]
-    print("| K | active query heads (of 9) | " + " | ".join(columns) + " |")
-    print("|---|---|" + "---|" * len(columns))
+    # Converted rows against the source; healed rows against the dense control of the same budget.
+    table = []
     for row in rows:
-        cells = [f"{row[c]:.2f} ({row[c] / source_ppl:.2f}x)" if c in row else "—" for c in columns]
-        print(f"| {row['K']} | {row['active query heads']} | " + " | ".join(cells) + " |")
-    if args.dense_control and args.heal_tokens:
-        control = rows[-1]
-        print("\nafter healing, relative to the dense source given the same fine-tune:")
-        for row in rows[:-1]:
-            print(f"  K = {row['K']}: " + ", ".join(
-                f"{c}: {row[c] / control[c]:.2f}x" for c in heal_columns))
+        control = controls.get(row.get("healed_tokens"))
+        if control is row:
+            table.append(display(row, source_row, "source", args))
+        elif control is not None:
+            table.append(display(row, control, "control", args))
+        else:
+            table.append(display(row, None if row is source_row else source_row, "source", args))
+    columns = ["checkpoint", *[f"ppl {d}" for d in args.domains], *args.tasks,
+               *(["zero-shot average"] if args.tasks else [])]
+    report("Upcycling SmolLM2-135M into sparse GQE: every domain and task, before and after healing", columns, table,
+           notes=[f"Calibration and healing data: {' '.join(data)} ({args.calibration_tokens} calibration tokens).",
+                  f"Perplexity on {args.eval_tokens} held-out tokens per domain in {args.eval_window}-token windows; "
+                  f"zero-shot acc_norm on the first {args.limit or 'all'} examples of each task. Healed rows are "
+                  "compared with the dense control of the same budget, the others with the source."])
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"data": data, "args": vars(args), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
