@@ -1,7 +1,7 @@
 """Choosing the sparse conversion's recipe by how it does on text it never saw: leave-one-domain-out.
 
 SmolLM2-135M -> sparse K (default 2). For each candidate recipe (calibration tokens, regularisation of the two
-ridge fits, weight of the first position) and each domain D of shakespeare / wikitext / science: calibrate on
+ridge fits) and each domain D of shakespeare / wikitext / science: calibrate on
 an equal mix of the OTHER domains' fit parts, then measure perplexity on D's held-out part, as a ratio to the
 source model's. A recipe's score is its worst unseen-domain ratio; the best score wins. Finally the winning
 recipe is calibrated on all domains mixed (what users get with general calibration data) and measured on every
@@ -44,7 +44,7 @@ def convert_and_measure(source, tokenizer, top_k, recipe, fit_sources, eval_bloc
     fit = load_token_blocks(fit_sources, tokenizer, seq_len, recipe["tokens"]).fit
     model = build_sparse_initial(source, top_k)
     calibrate_sparse(source, model, fit, seed=seed, router_ridge=recipe["router_ridge"],
-                     output_ridge=recipe["output_ridge"], first_token_weight=recipe.get("first_token_weight", 2048.0))
+                     output_ridge=recipe["output_ridge"])
     return {domain: perplexity(model, blocks) for domain, blocks in eval_blocks.items()}
 
 
@@ -63,9 +63,9 @@ def main():
     source_ppl = {domain: perplexity(source, blocks) for domain, blocks in eval_blocks.items()}
     print("source perplexity:", source_ppl, flush=True)
 
-    recipes = [GRID[i] for i in args.recipes] if args.recipes else GRID
     rows = []
-    for index, recipe in enumerate(recipes):
+    for index in args.recipes or range(len(GRID)):
+        recipe = GRID[index]
         row = {"recipe": index, **recipe}
         start = time.time()
         for held_out in DOMAINS:
