@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from conftest import SETTING_IDS, SETTINGS, setting_model, tiny_model
+from modeling_gqe.modeling_gqe import CACHE_FIELD
 
 
 
@@ -24,9 +25,12 @@ def test_token_by_token_and_chunked_decoding_equal_full_forward(setting, backend
         stepwise = [model(input_ids[:, t : t + 1], past_key_values=cache).logits for t in range(14)]
         torch.testing.assert_close(torch.cat(stepwise, dim=1), full, atol=1e-5, rtol=1e-5)
 
+        # The cache's name since transformers 5.24 (`cache`) and before it (`past_key_values`, above) both work.
         cache = DynamicCache(config=model.config)
-        chunks = [model(input_ids[:, a:b], past_key_values=cache).logits for a, b in [(0, 5), (5, 6), (6, 11), (11, 14)]]
-        torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
+        chunks = [model(input_ids[:, a:b], cache=cache) for a, b in [(0, 5), (5, 6), (6, 11), (11, 14)]]
+        torch.testing.assert_close(torch.cat([chunk.logits for chunk in chunks], dim=1), full, atol=1e-5, rtol=1e-5)
+        assert cache.get_seq_length() == 14
+        assert chunks[-1][CACHE_FIELD] is cache  # returned under the installed transformers' field name
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
