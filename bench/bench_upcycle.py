@@ -67,6 +67,9 @@ def main():
     parser.add_argument("--heal-tokens", type=int, nargs="*", default=[100_000],
                         help="healing budgets; none (just the flag) for conversion only")
     parser.add_argument("--calibration-tokens", type=int, default=16384)
+    parser.add_argument("--source", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-source: skip the source row (already measured by an earlier run; rows then "
+                        "carry no ratio to it)")
     parser.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure the exact conversion (3 copies of each head)")
     parser.add_argument("--dense-control", action=argparse.BooleanOptionalAction, default=True,
@@ -90,7 +93,7 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
         return rows[-1]
 
-    source_row = add("SmolLM2-135M (source)", source, time.time())
+    source_row = add("SmolLM2-135M (source)", source, time.time()) if args.source else None
     if args.exact:
         add("exact (3 copies of each head)", build_exact(source, copies=3, noise=0.0, seed=0), time.time())
     with tempfile.TemporaryDirectory() as work:
