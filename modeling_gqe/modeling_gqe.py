@@ -443,6 +443,8 @@ class GQEModel(GQEPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
         r"""
+        cache (`Cache`, *optional*):
+            The KV cache (a standard transformers `Cache`): filled with this call's keys and values and read back.
         past_key_values (`Cache`, *optional*):
             The name of `cache` before transformers 5.24, whose `generate` passes it so; either name works.
         """
@@ -588,6 +590,8 @@ class GQEForCausalLM(GQEPreTrainedModel, GenerationMixin):
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeCausalLMOutputWithPast:
         r"""
+        cache (`Cache`, *optional*):
+            The KV cache (a standard transformers `Cache`): filled with this call's keys and values and read back.
         past_key_values (`Cache`, *optional*):
             The name of `cache` before transformers 5.24, whose `generate` passes it so; either name works.
         output_router_logits (`bool`, *optional*):
