@@ -12,7 +12,7 @@ SciQ's science passages mixed equally, the fit parts only); every row is measure
 perplexity on each domain's held-out part (text no fit or heal saw) and zero-shot acc_norm through
 lm-evaluation-harness.
 
-    python bench/bench_upcycle.py --calibration-tokens 65536         # every row: about 2 hours on 2 CPU cores
+    python bench/bench_upcycle.py --calibration-tokens 65536         # every row: about an hour on 2 idle CPU cores
     python bench/bench_upcycle.py --top-k 2 --no-exact --limit 100   # K = 2 and the control only
     python bench/bench_upcycle.py --data ../shared/data/tinyshakespeare.txt --domains shakespeare --tasks
 """
