@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from modeling_gqe import GQEConfig, GQEForCausalLM
+from modeling_gqe.modeling_gqe import apply_rotary_pos_emb
 from vllm_gqe.servable import GQEUnsupportedConfig, check_tensor_parallel_size
-from vllm_gqe.sharding import rank_groups, rank_output_columns
+from vllm_gqe.sharding import projection_layout, rank_groups, rank_output_columns, rank_projection_rows
 
 
 def tiny_layer(variant: str, routing: str, top_k: int):
@@ -57,6 +58,61 @@ def test_ranks_partial_outputs_add_up_to_the_layer_output(variant, routing, top_
 
     assert covered == list(range(G))
     torch.testing.assert_close(summed, seen["output"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gqe", "hard_concat"])
+@pytest.mark.parametrize("tensor_parallel_size", [1, 2, 4])
+def test_ranks_fused_projection_gives_the_layers_queries_keys_and_the_cached_shared_head(variant, tensor_parallel_size):
+    """Each rank's fused q/k/v projection, assembled from the checkpoint's q_proj, q_shared, k_proj and v_proj
+    (weights and biases) as the vLLM loader does: its groups' query experts, keys and values, and (variant "gqe")
+    the shared query and the shared key and value that the transformers layer caches as KV head G (the mean over
+    groups of the rotated keys and of the values)."""
+    model = tiny_layer(variant, "ranked", 1)
+    attention = model.model.layers[0].self_attn
+    config = model.config
+    G, d, D = config.num_key_value_heads, config.head_dim, config.hidden_size
+    M, shared = config.num_experts_per_group, variant == "gqe"
+    seen = {}
+    attention.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(hidden=kwargs["hidden_states"], rope=kwargs["position_embeddings"]),
+        with_kwargs=True,
+    )
+    with torch.no_grad():
+        cache = model(torch.randint(0, 64, (2, 7)), use_cache=True).past_key_values
+        x = seen["hidden"]  # [B, T, D], the attention's input
+        checkpoint = {"q": attention.q_proj, "k": attention.k_proj, "v": attention.v_proj}
+        if shared:
+            checkpoint["q_shared"] = attention.q_shared
+        layout = projection_layout(G // tensor_parallel_size, M, d, shared)
+        rows = max(piece.stop for piece in layout.values())
+        for rank in range(tensor_parallel_size):
+            weight, bias = torch.full((rows, D), float("nan")), torch.full((rows,), float("nan"))
+            for name, linear in checkpoint.items():
+                for piece, piece_rows in rank_projection_rows(linear.weight, name, G, shared, rank,
+                                                              tensor_parallel_size).items():
+                    weight[layout[piece]] = piece_rows
+                for piece, piece_rows in rank_projection_rows(linear.bias, name, G, shared, rank,
+                                                              tensor_parallel_size).items():
+                    bias[layout[piece]] = piece_rows
+            assert not weight.isnan().any() and not bias.isnan().any()  # every row is written
+            out = torch.nn.functional.linear(x, weight, bias)
+            groups = rank_groups(G, rank, tensor_parallel_size)
+
+            def rank_part(linear, per_group):
+                return linear(x).unflatten(-1, (G, per_group))[..., groups.start : groups.stop, :].flatten(-2)
+
+            torch.testing.assert_close(out[..., layout["q"]], rank_part(attention.q_proj, M * d))
+            torch.testing.assert_close(out[..., layout["k"]], rank_part(attention.k_proj, d))
+            torch.testing.assert_close(out[..., layout["v"]], rank_part(attention.v_proj, d))
+            assert set(layout) == ({"q", "q_shared", "k", "k_mean", "v", "v_mean"} if shared else {"q", "k", "v"})
+            if shared:
+                torch.testing.assert_close(out[..., layout["q_shared"]], attention.q_shared(x))
+                cos, sin = seen["rope"]
+                shared_key = out[..., layout["k_mean"]].unsqueeze(2)  # [B, T, 1, d]
+                rotated_key, _ = apply_rotary_pos_emb(shared_key, shared_key, cos, sin, unsqueeze_dim=2)
+                cached_keys, cached_values = cache.layers[0].keys, cache.layers[0].values  # [B, G + 1, T, d]
+                torch.testing.assert_close(rotated_key[:, :, 0], cached_keys[:, G], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(out[..., layout["v_mean"]], cached_values[:, G], rtol=1e-5, atol=1e-5)
 
 
 def test_tensor_parallel_size_must_divide_the_kv_groups():

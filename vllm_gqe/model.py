@@ -3,19 +3,20 @@
 It reads the same config (`modeling_gqe.GQEConfig`) and checkpoint names as the transformers model and is
 tested against it (tests/test_vllm.py; the sharding arithmetic in tests/test_vllm_sharding.py). Everything
 outside attention is vLLM's own Llama (embedding, RMSNorm, MLP, LM head), with this attention in its decoder
-layers. Per token and KV group g, the router picks k of the group's M
-query-head experts; the selected queries are attended in one vLLM attention layer, G*k query heads on the G KV
-heads; the "gqe" variant's shared head attends to the mean over groups of the rotated keys and values, which is
-computed once per token and cached, never recomputed over the history. With k = 1 the shared head is one more
-head of that layer (G + 1 query heads on G + 1 KV heads: one attention call and one paged cache per layer); with
-k > 1 it has its own attention layer and paged cache (one head), since joining the routed call would mean
-repeating its query k times, k times its attention work in prefill.
+layers. Per token and KV group g, the router picks k of the group's M query-head experts; the selected queries
+are attended in one vLLM attention layer, G*k query heads on the G KV heads. The "gqe" variant's shared head
+attends to the mean over groups of the rotated keys and values, computed once per token and cached, never
+recomputed over the history: it is one more head of the fused q/k/v projection, whose key and value rows are
+the mean of the groups' k_proj and v_proj rows (averaged once, at load). With k = 1 the shared head is one more
+head of the routed attention layer (G + 1 query heads on G + 1 KV heads: one attention call and one paged cache
+per layer); with k > 1 it has its own attention layer and paged cache (one head), since joining the routed call
+would mean repeating its query k times, k times its attention work in prefill.
 
 Tensor parallelism: each rank owns G/N whole groups (their experts' query rows, their router rows, their KV
-head and their hard output slots), so it needs N to divide G. Two things span all groups: the weighted slot's
-normaliser (the sum of every selected probability) and the shared head's mean K/V, each one all-reduce of a
-few numbers per token. The output projection then sums, across ranks, each rank's hard slots, its partial
-weighted slot and (rank 0 only) the shared slot.
+head and their hard output slots), so it needs N to divide G; the shared head's query, key and value rows are
+on every rank. One thing spans all groups: the weighted slot's normaliser (the sum of every selected
+probability), one all-reduce of a number per token. The output projection then sums, across ranks, each rank's
+hard slots, its partial weighted slot and (rank 0 only) the shared slot.
 
 Shapes: T tokens (all sequences of the step), D hidden size, G KV groups (Gl = G / tensor-parallel size on
 this rank), M experts per group, k selected per group, d head_dim.
@@ -29,13 +30,14 @@ from vllm.distributed import (
     tensor_model_parallel_all_reduce,
 )
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
+from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from vllm.model_executor.models.utils import WeightsMapper
 
 from .servable import check_servable
-from .sharding import rank_output_columns
+from .sharding import projection_layout, rank_output_columns, rank_projection_rows
 
 
 def pick_experts(router_probs: torch.Tensor, top_k: int, expert_routing: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,6 +79,36 @@ class GQEOutputProjection(RowParallelLinear):
     weight_loader_v2 = weight_loader
 
 
+class GQEQKVProjection(ColumnParallelLinear):
+    """q_proj (every expert of the rank's groups), k_proj and v_proj in one matmul, with (variant "gqe") the shared
+    head's query, key and value as one more head each: `projection_layout` gives the rank's rows. The shared key
+    and value rows are the mean of all G groups' k_proj and v_proj rows, averaged when k_proj and v_proj load, so
+    the shared head's K/V cost one head of projection per token, on every rank, with no all-reduce."""
+
+    def __init__(self, config, prefix: str, quant_config: QuantizationConfig | None = None):
+        tp_size = get_tensor_model_parallel_world_size()
+        self.num_groups = config.num_key_value_heads
+        self.has_shared_head = config.gqe_variant == "gqe"
+        self.layout = projection_layout(config.num_key_value_heads // tp_size, config.num_experts_per_group,
+                                        config.head_dim, self.has_shared_head)
+        rank_rows = max(piece.stop for piece in self.layout.values())
+        super().__init__(input_size=config.hidden_size, output_size=tp_size * rank_rows, bias=config.attention_bias,
+                         gather_output=False, quant_config=quant_config, prefix=prefix)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, loaded_shard_id: str | None = None):
+        """Loads q_proj, q_shared, k_proj or v_proj (the checkpoint name's shard id, set by `GQEForCausalLM`'s
+        weight-name mapper) into the rank's rows of this layer's weight or bias."""
+        checkpoint_tensor = loaded_shard_id or getattr(loaded_weight, "shard_id", None)
+        if checkpoint_tensor not in ("q", "q_shared", "k", "v"):
+            raise ValueError(f"{self.prefix}: no GQE projection rows for shard {checkpoint_tensor!r}")
+        rows = rank_projection_rows(loaded_weight, checkpoint_tensor, self.num_groups, self.has_shared_head,
+                                    self.tp_rank, self.tp_size)
+        for piece, piece_rows in rows.items():
+            param.data[self.layout[piece]].copy_(piece_rows)
+
+    weight_loader_v2 = weight_loader
+
+
 class GQEAttention(nn.Module):
     def __init__(
         self,
@@ -103,24 +135,19 @@ class GQEAttention(nn.Module):
         self.variant = config.gqe_variant
         self.expert_routing = config.expert_routing
         self.has_shared_head = self.variant == "gqe"
-        self.q_size = self.local_groups * self.experts_per_group * d
-        self.kv_size = self.local_groups * d
         scaling = d**-0.5
 
-        # q (every expert of the rank's groups), k, v: the checkpoint's q_proj / k_proj / v_proj, stacked.
-        self.qkv_proj = QKVParallelLinear(
-            hidden_size=hidden_size, head_size=d, total_num_heads=config.num_attention_heads,
-            total_num_kv_heads=self.num_groups, bias=config.attention_bias, quant_config=quant_config,
-            prefix=f"{prefix}.qkv_proj",
-        )
+        # Every query expert of the rank's groups, the shared query, the keys and values (with the shared head's):
+        # the checkpoint's q_proj / q_shared / k_proj / v_proj in one matmul.
+        self.qkv_proj = GQEQKVProjection(config, prefix=f"{prefix}.qkv_proj", quant_config=quant_config)
+        extra_head = int(self.has_shared_head)
+        self.q_size = (self.local_groups * self.experts_per_group + extra_head) * d
+        self.kv_size = (self.local_groups + extra_head) * d
         # The router in fp32 (its softmax and selection must not flip with bf16 rounding); rows of the rank's groups.
         self.router = ColumnParallelLinear(
             hidden_size, self.num_groups * self.experts_per_group, bias=False, gather_output=False,
             params_dtype=torch.float32, prefix=f"{prefix}.router",
         )
-        if self.has_shared_head:
-            self.q_shared = ReplicatedLinear(hidden_size, d, bias=config.attention_bias, quant_config=quant_config,
-                                             prefix=f"{prefix}.q_shared")
         self.o_proj = GQEOutputProjection(config, prefix=f"{prefix}.o_proj", quant_config=quant_config)
         self.rotary_emb = get_rope(d, max_position=max_position_embeddings, is_neox_style=True,
                                    rope_parameters=getattr(config, "rope_parameters", None))
@@ -150,30 +177,25 @@ class GQEAttention(nn.Module):
         router_logits, _ = self.router(hidden_states.float())  # [T, Gl*M], fp32
         top_probs, top_index = pick_experts(router_logits.view(tokens, Gl, M).softmax(dim=-1), k, self.expert_routing)
 
+        # keys, values: [T, (Gl + 1) * d] for "gqe" (the shared head's K/V is head Gl), else [T, Gl * d].
         qkv, _ = self.qkv_proj(hidden_states)
         all_queries, keys, values = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        queries = all_queries.reshape(tokens, Gl, M, d).gather(2, top_index.unsqueeze(-1).expand(-1, -1, -1, d))
-        queries = queries.reshape(tokens, Gl * k * d)
+        expert_queries = all_queries[:, : Gl * M * d].reshape(tokens, Gl, M, d)
+        queries = expert_queries.gather(2, top_index.unsqueeze(-1).expand(-1, -1, -1, d)).reshape(tokens, Gl * k * d)
         if self.has_shared_head:
-            shared_query, _ = self.q_shared(hidden_states)
-            queries = torch.cat([queries, shared_query], dim=-1)  # rotated together: [T, (Gl*k + 1) * d]
+            queries = torch.cat([queries, all_queries[:, Gl * M * d :]], dim=-1)  # [T, (Gl*k + 1) * d]
+        # The shared key is rotated with the others: the rotated mean key is the mean of the rotated keys.
         queries, keys = self.rotary_emb(positions, queries, keys)
-        if self.has_shared_head:
-            # The shared head's K/V: the mean over all G groups (all ranks) of the rotated keys and of the values,
-            # written to the paged cache once per token with the rest.
-            key_sum = keys.view(tokens, Gl, d).sum(dim=1)
-            value_sum = values.view(tokens, Gl, d).sum(dim=1)
-            mean_kv = self.all_groups_sum(torch.cat([key_sum, value_sum], dim=-1)) / self.num_groups
 
-        if self.shared_in_routed_call:
-            attended = self.attn(queries, torch.cat([keys, mean_kv[:, :d]], dim=-1),
-                                 torch.cat([values, mean_kv[:, d:]], dim=-1)).view(tokens, Gl + 1, d)
-            routed, shared = attended[:, :Gl], attended[:, Gl]
+        if not self.has_shared_head or self.shared_in_routed_call:
+            attended = self.attn(queries, keys, values).view(tokens, -1, d)
+            routed = attended[:, : Gl * k]
+            shared = attended[:, Gl * k] if self.has_shared_head else None
         else:
-            routed = self.attn(queries[:, : Gl * k * d].contiguous(), keys, values).view(tokens, Gl * k, d)
-            if self.has_shared_head:
-                shared = self.shared_attn(queries[:, Gl * k * d :].contiguous(), mean_kv[:, :d].contiguous(),
-                                          mean_kv[:, d:].contiguous())
+            routed = self.attn(queries[:, : Gl * k * d].contiguous(), keys[:, : Gl * d], values[:, : Gl * d])
+            routed = routed.view(tokens, Gl * k, d)
+            shared = self.shared_attn(queries[:, Gl * k * d :].contiguous(), keys[:, Gl * d :].contiguous(),
+                                      values[:, Gl * d :].contiguous())
         if self.variant == "weighted_concat":
             routed = routed * top_probs.view(tokens, Gl * k, 1).to(routed.dtype)
         slots = [routed.reshape(tokens, Gl * k * d)]
@@ -196,9 +218,13 @@ class GQEDecoderLayer(LlamaDecoderLayer):
 class GQEForCausalLM(LlamaForCausalLM):
     """vLLM's Llama causal LM with GQE attention in every decoder layer; loads `modeling_gqe` checkpoints."""
 
-    # LoRA on the stacked projections only: the router, q_shared and the slot-wise o_proj are GQE's own.
-    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    # q_shared is stacked into qkv_proj with q_proj, k_proj and v_proj (which also give the shared K/V rows).
+    hf_to_vllm_mapper = LlamaModel.hf_to_vllm_mapper | WeightsMapper(
+        orig_to_new_stacked={".q_shared": (".qkv_proj", "q_shared")})
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "q_shared", "k_proj", "v_proj"],
+                              "gate_up_proj": ["gate_proj", "up_proj"]}
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         check_servable(vllm_config.model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size)
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=GQEDecoderLayer)
+        self.model.hf_to_vllm_mapper = self.hf_to_vllm_mapper  # read by LlamaModel.load_weights
