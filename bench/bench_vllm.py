@@ -9,7 +9,7 @@ Runs in the vLLM environment (`bash .ci/vllm-env` builds it; the SmolLM2 pair al
 For each pair both engines are started in this run and kept alive, and every measurement alternates between
 them (bench/common.compare): prefill tokens/s of one prompt of 2k and of 8k tokens (one generated token), and
 decode tokens/s at batch 1 and 8 (the time of 65 generated tokens minus that of 1, after a 128-token prompt).
-The order in which the two engines start matters on a 2-core machine (the engine started second decoded 7%
+The order in which the two engines start matters on a 2-core machine (the engine started second decoded about 8%
 faster, whichever model it served), so every pair is measured twice, GQE's engine started first and then the
 dense one first, and the reported speed-up is the geometric mean of the two (both are in the table).
 The paper-shape models have random weights and a random router (so routing is not degenerate); the SmolLM2
