@@ -68,6 +68,8 @@ def main():
                         help="healing budgets; none (just the flag) for conversion only")
     parser.add_argument("--heal-learning-rate", type=float, default=1e-4,
                         help="peak learning rate of healing and of the dense control's fine-tune")
+    parser.add_argument("--heal-trainable", default="all", choices=["all", "attention"],
+                        help="parameters trained by healing and by the dense control's fine-tune")
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     parser.add_argument("--source", action=argparse.BooleanOptionalAction, default=True,
                         help="--no-source: skip the source row (already measured by an earlier run; rows then "
@@ -107,7 +109,7 @@ def main():
             for tokens in args.heal_tokens:
                 started, healed = time.time(), Path(work) / f"k{top_k}-healed-{tokens}"
                 heal(str(converted), src, str(healed), data=data, gguf_file=GGUF, tokens=tokens,
-                     learning_rate=args.heal_learning_rate)
+                     learning_rate=args.heal_learning_rate, trainable=args.heal_trainable)
                 add(f"K = {top_k}, healed on {tokens} tokens", load_checkpoint(str(healed))[0], started,
                     healed_tokens=tokens)
     controls = {}
@@ -118,7 +120,8 @@ def main():
             student = type(source)(source.config)
             student.load_state_dict(source.state_dict())
             with tempfile.TemporaryDirectory() as work:
-                distill(student, source, train_ids, work, learning_rate=args.heal_learning_rate)
+                distill(student, source, train_ids, work, learning_rate=args.heal_learning_rate,
+                        trainable=args.heal_trainable)
             controls[tokens] = add(f"dense control, tuned on {tokens} tokens", student, started, healed_tokens=tokens)
 
     # Converted rows against the source; healed rows against the dense control of the same budget.

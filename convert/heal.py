@@ -62,12 +62,34 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+TRAINABLE_PARTS = {"all": None, "attention": ".self_attn."}
+
+
+def check_trainable(trainable: str) -> None:
+    if trainable not in TRAINABLE_PARTS:
+        raise UpcycleError(f"--trainable {trainable!r} is not a part of the model; choose one of "
+                           f"{sorted(TRAINABLE_PARTS)}.")
+
+
+def set_trainable(model: torch.nn.Module, trainable: str) -> int:
+    """Freeze every parameter outside `trainable` ("all", or "attention": every layer's self_attn, router and
+    shared head included); returns how many parameters stay trainable. Healing only the attention changes only
+    the part the sparse conversion replaced and leaves the embeddings and MLPs as the source trained them."""
+    check_trainable(trainable)
+    part = TRAINABLE_PARTS[trainable]
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(part is None or part in name)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def distill(student, teacher, train_ids: torch.Tensor, output_dir, batch_size: int = 4, learning_rate: float = 1e-4,
-            alpha: float = 0.5, seed: int = 0, callbacks=None) -> list[float]:
+            alpha: float = 0.5, seed: int = 0, callbacks=None, trainable: str = "all") -> list[float]:
     """One pass of `DistillationTrainer` over `train_ids` (blocks x seq_len), cosine schedule; returns the logged losses.
 
-    Shared by `heal` and by the benchmark's control that gives the dense source the same fine-tune. On a GPU with
-    bf16 support, fp32 students train in bf16 mixed precision."""
+    Shared by `heal` and by the benchmark's control that gives the dense source the same fine-tune. `trainable`
+    chooses the parameters trained (`set_trainable`). On a GPU with bf16 support, fp32 students train in bf16
+    mixed precision."""
+    set_trainable(student, trainable)
     steps = math.ceil(train_ids.shape[0] / batch_size)
     mixed_precision = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()
                        and next(student.parameters()).dtype == torch.float32)
@@ -82,7 +104,7 @@ def distill(student, teacher, train_ids: torch.Tensor, output_dir, batch_size: i
         callbacks=callbacks,
     )
     trainer.train()
-    student.eval()
+    student.eval().requires_grad_(True)
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
@@ -100,6 +122,8 @@ class HealOptions:
     batch_size: int = option(4, "sequences per step")
     learning_rate: float = option(1e-4, "peak learning rate (cosine schedule)")
     alpha: float = option(0.5, "weight of the distillation loss (1 - alpha: the LM loss)")
+    trainable: str = option("all", "parameters trained: all, or attention (every layer's attention with its router "
+                            "and shared head; embeddings, norms and MLPs stay the source's)")
     force: bool = option(False, "replace OUT if it exists")
     seed: int = option(0, "training seed")
 
@@ -114,6 +138,7 @@ def heal(converted: str, src: str, out, options: HealOptions | None = None, **ov
     options = with_overrides(options or HealOptions(), overrides)
     if not options.data_sources:
         raise UpcycleError("gqe-heal needs training text: --text-file TXT or --data SOURCE.")
+    check_trainable(options.trainable)  # before any model work
     check_output(out, options.force)
     source_config = read_source_config(src, options.gguf_file)
     tokenizer = read_source_tokenizer(src, options.gguf_file)
@@ -130,7 +155,7 @@ def heal(converted: str, src: str, out, options: HealOptions | None = None, **ov
     with staged_output(out, options.force) as staging, tempfile.TemporaryDirectory() as scratch:
         report["loss history"] = distill(
             student, teacher, data.fit, scratch, batch_size=options.batch_size, learning_rate=options.learning_rate,
-            alpha=options.alpha, seed=options.seed, callbacks=[GQERoutingCallback()],
+            alpha=options.alpha, seed=options.seed, callbacks=[GQERoutingCallback()], trainable=options.trainable,
         )
         report["healing tokens"] = int(data.fit.numel())
         if data.held_out.numel():

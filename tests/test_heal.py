@@ -144,6 +144,21 @@ def test_distill_fine_tunes_a_dense_model_too(char_source, tmp_path):
     assert perplexity(teacher, train_ids) == pytest.approx(before)  # the teacher stays frozen
 
 
+def test_heal_of_the_attention_only_leaves_every_other_weight_as_converted(char_source, tmp_path):
+    folder, text_file = char_source
+    upcycle(str(folder), tmp_path / "k1", mode="sparse", top_k=1, calibration_file=str(text_file),
+            calibration_tokens=4096, held_out_tokens=4096)
+    report = heal(str(tmp_path / "k1"), str(folder), str(tmp_path / "healed"), text_file=str(text_file), tokens=8192,
+                  seq_len=64, batch_size=16, learning_rate=2e-3, held_out_tokens=4096, trainable="attention")
+    assert report["held-out perplexity (GQE after healing)"] < report["held-out perplexity (GQE before healing)"]
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "k1", trust_remote_code=True).state_dict()
+    healed = AutoModelForCausalLM.from_pretrained(tmp_path / "healed", trust_remote_code=True).state_dict()
+    changed = {name for name in converted if not torch.equal(converted[name], healed[name])}
+    attention = {name for name in converted if ".self_attn." in name}
+    assert changed and changed <= attention, sorted(changed - attention)
+    assert {"model.layers.0.self_attn.router.weight", "model.layers.1.self_attn.o_proj.weight"} <= changed
+
+
 def test_heal_input_errors_are_one_line(char_source, tmp_path, capsys):
     import shutil
 
@@ -161,6 +176,8 @@ def test_heal_input_errors_are_one_line(char_source, tmp_path, capsys):
         ([tmp_path / "k1", folder, "o4", "--text-file", tmp_path / "missing.txt"], "missing.txt does not exist"),
         ([tmp_path / "k1", tmp_path / "nowhere", "o5", "--text-file", text_file], "nowhere does not exist"),
         ([tmp_path / "k1", folder, "k1", "--text-file", text_file], "already exists"),
+        ([tmp_path / "k1", folder, "o6", "--text-file", text_file, "--trainable", "mlp"],
+         "--trainable 'mlp' is not a part of the model; choose one of ['all', 'attention']"),
     ]
     for argv, message in cases:
         argv = [str(a) if a != argv[2] else str(tmp_path / a) for a in argv]
