@@ -10,6 +10,11 @@ generation, prefill peak memory and training steps.
 4. Peak memory of an 8k prefill as `generate` runs it (cache on, logits of the last token only), each model in a
    fresh process: peak RSS during the forward minus RSS before.
 5. Training steps (forward, backward, AdamW) at 512 and 2k tokens, batch 2, paper shape.
+6. The query projection alone, on one layer of the paper shape with a random router: the model's dense
+   projection of all 16 experts followed by a gather of the 8 selected, against projecting only the selected
+   experts' rows: gathering each token's weight rows, and sorting the tokens by expert with one GEMM per expert
+   (a loop of `torch.mm`, and one `F.grouped_mm`). Each is timed against Llama's q_proj (16 heads) on the same
+   input; reading or multiplying only the selected rows would halve it.
 
 Ratios are dense time / GQE time (> 1: GQE is faster), medians of alternating pairs (bench/common.py). Decode
 on a CPU reads every weight and the whole KV cache once per token, so it is bound by memory traffic; the
@@ -17,7 +22,7 @@ on a CPU reads every weight and the whole KV cache once per token, so it is boun
 implementation of these two models can reach there.
 
     python bench/bench_decode.py                    # everything (about 25 minutes on 2 CPU cores)
-    python bench/bench_decode.py --parts decode     # one part: decode, smollm2, static, memory, training
+    python bench/bench_decode.py --parts decode     # one part: decode, smollm2, static, memory, training, projection
 """
 
 import argparse
@@ -30,6 +35,8 @@ import common
 import torch
 from common import compare, report
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import torch.nn.functional as F
 
 from modeling_gqe import GQEConfig, GQEForCausalLM
 
@@ -183,10 +190,86 @@ def training_rows(lengths, repeats, batch_size=2):
     return rows
 
 
+# ---------------------------------------------------------------------------------------- query projection
+# Ways to get the selected experts' queries [T, G*k, d] from hidden [T, D] and the router's picks [T, G, k]
+# (expert index within the group). All give the same numbers (checked before timing).
+
+
+def dense_then_gather(attn, hidden, top_index):
+    """What the model does (`GQEAttention.selected_queries`): every expert's query, then the selected ones."""
+    return attn.selected_queries(hidden[None], top_index[None])[0]
+
+
+def global_expert_index(attn, top_index):
+    return (top_index + torch.arange(0, attn.num_groups * attn.experts_per_group, attn.experts_per_group)[:, None]
+            ).flatten(1)  # [T, G*k]
+
+
+def gather_weight_rows(attn, hidden, top_index):
+    """Only the selected experts' rows are multiplied, after copying them out per token: [T, G*k, d, D]."""
+    rows = attn.q_proj.weight.view(-1, attn.head_dim, hidden.shape[-1])[global_expert_index(attn, top_index)]
+    return torch.einsum("tD,tsdD->tsd", hidden, rows)
+
+
+def sorted_loop_of_gemms(attn, hidden, top_index):
+    """Only the selected experts' rows are multiplied: the (token, slot) pairs sorted by expert, the tokens'
+    hidden rows gathered in that order, a `torch.mm` per expert, the results put back in place."""
+    expert = global_expert_index(attn, top_index)
+    slots, d = expert.shape[1], attn.head_dim
+    order = expert.reshape(-1).argsort(stable=True)
+    gathered = hidden.index_select(0, order // slots)  # [T*G*k, D]
+    weight = attn.q_proj.weight.view(-1, d, hidden.shape[-1])
+    out, start = torch.empty(gathered.shape[0], d), 0
+    for e, count in enumerate(torch.bincount(expert.reshape(-1), minlength=weight.shape[0]).tolist()):
+        torch.mm(gathered[start : start + count], weight[e].T, out=out[start : start + count])
+        start += count
+    result = torch.empty_like(out)
+    result[order] = out
+    return result.view(-1, slots, d)
+
+
+def sorted_grouped_gemm(attn, hidden, top_index):
+    """The same sorted by expert, with one grouped GEMM (`F.grouped_mm`, torch >= 2.10) instead of the loop."""
+    expert = global_expert_index(attn, top_index)
+    slots, d = expert.shape[1], attn.head_dim
+    flat = expert.reshape(-1)
+    order = flat.argsort(stable=True)
+    weight = attn.q_proj.weight.view(-1, d, hidden.shape[-1])
+    offsets = torch.bincount(flat, minlength=weight.shape[0]).cumsum(0).to(torch.int32)
+    out = F.grouped_mm(hidden.index_select(0, order // slots), weight.transpose(1, 2), offs=offsets)
+    return torch.empty_like(out).index_copy_(0, order, out).view(-1, slots, d)
+
+
+def projection_rows(token_counts, repeats):
+    gqe, llama = paper_models()
+    attn, llama_q_proj = gqe.model.layers[0].self_attn, llama.model.layers[0].self_attn.q_proj
+    strategies = {"dense + gather (the model)": dense_then_gather, "gather weight rows": gather_weight_rows,
+                  "sorted, loop of GEMMs": sorted_loop_of_gemms, "sorted, grouped GEMM": sorted_grouped_gemm}
+    rows = []
+    with torch.no_grad():
+        for tokens in token_counts:
+            hidden = torch.randn(tokens, PAPER_SHAPE["hidden_size"])
+            _, _, top_index = attn.router(hidden)  # [T, G, k]
+            reference = dense_then_gather(attn, hidden, top_index)
+            row = {"tokens": tokens}
+            for name, strategy in strategies.items():
+                if "weight rows" in name and tokens > 64:
+                    continue  # copies T x 512 x 1024 weights: only for a few tokens
+                torch.testing.assert_close(strategy(attn, hidden, top_index), reference, rtol=1e-4, atol=1e-4)
+                gqe_s, llama_s, ratio = compare(lambda: strategy(attn, hidden, top_index),
+                                                lambda: llama_q_proj(hidden), CPU, repeats)
+                row[f"{name} µs"] = gqe_s * 1e6
+                row[f"{name}: Llama / it"] = ratio
+            row["Llama q_proj µs"] = llama_s * 1e6
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["decode", "smollm2", "static", "memory", "training"],
-                        choices=["decode", "smollm2", "static", "memory", "training"])
+    parser.add_argument("--parts", nargs="+", default=["decode", "smollm2", "static", "memory", "training", "projection"],
+                        choices=["decode", "smollm2", "static", "memory", "training", "projection"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--steps", type=int, default=16, help="decode steps per timed run")
     parser.add_argument("--repeats", type=int, default=7)
@@ -225,6 +308,12 @@ def main():
         rows = training_rows([512, 2048], args.repeats)
         results["training"] = rows
         report("Training step (forward, backward, AdamW), paper shape", list(rows[0]), rows, formats)
+    if "projection" in args.parts:
+        rows = projection_rows([1, 4, 8, 16, 64, 512, 8192], args.repeats)
+        results["projection"] = rows
+        columns = list(dict.fromkeys(column for row in rows for column in row))
+        report("The query projection alone, one layer of the paper shape (Llama / GQE per strategy)", columns,
+               rows, {column: ".0f" if column.endswith("µs") else ".2f" for column in columns if column != "tokens"})
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
