@@ -26,7 +26,7 @@ Fit, layer by layer, on the converted model's own activations:
 import torch
 from tqdm.auto import tqdm
 
-from .layout import SourceAttention, set_sparse_experts, sparse_blocks
+from .layout import SourceAttention, least_dropped_blocks, set_sparse_experts, sparse_blocks
 from .sources import llama_named_state_dict
 
 
@@ -50,7 +50,7 @@ def capture_input(module):
 @torch.no_grad()
 def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, seed: int = 0,
                      router_ridge: float = 1e-3, output_ridge: float = 3e-4,
-                     first_token_weight: float = 2048.0) -> None:
+                     first_token_weight: float = 2048.0, block_layout: str = "importance") -> None:
     """Fit routers and o_proj of `model` (sparse GQE built from `source`) on `fit_ids` [n, T], in place.
 
     Each converted attention layer is fitted to the source attention's output on the same (converted) input.
@@ -60,6 +60,9 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
     a massive "attention sink" activation on the first token in their early layers; an unweighted fit,
     where that row is 1 of seq_len, misses it for some first tokens and perplexity explodes on those
     sequences (SmolLM2, K = 2, 8k held-out tokens: 77.9 unweighted, 58.0 at 256, 49.1 at 2048).
+    block_layout: how a group's heads are split into blocks. "importance" (above: the most important heads in
+    the smallest blocks); "least-dropped": the split that loses the least contribution per token when each
+    block keeps its largest head (`layout.least_dropped_blocks`).
     """
     torch.manual_seed(seed)
     for network in (source, model):
@@ -97,8 +100,12 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
             log_norms.append(contribution.clamp(min=1e-6).log().reshape(-1, H))
         handle.remove()
         log_norm = torch.cat(log_norms)  # [tokens, H]
-        importance = log_norm.exp().mean(0).view(G, r)
-        blocks = [sparse_blocks(importance[g].argsort(descending=True).tolist(), k) for g in range(G)]
+        contribution = log_norm.exp().view(-1, G, r)
+        if block_layout == "least-dropped":
+            blocks = [least_dropped_blocks(contribution[:, g], k) for g in range(G)]
+        else:
+            importance = contribution.mean(0)
+            blocks = [sparse_blocks(importance[g].argsort(descending=True).tolist(), k) for g in range(G)]
         expert_heads = set_sparse_experts(attn, source_heads, blocks)  # [G*M]
         router_target = log_norm[:, expert_heads].view(-1, G, k, M // k)
         router_target = (router_target - router_target.mean(dim=-1, keepdim=True)).view(-1, G * M).double()

@@ -6,6 +6,7 @@ is expert m of group g. Everything here reads the source through Llama's names (
 so it is the same for every family in families.py.
 """
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -152,6 +153,53 @@ def sparse_blocks(heads_by_importance: list[int], top_k: int) -> list[list[int]]
         blocks.append(block + [block[0]] * (width - size))
         start += size
     return blocks
+
+
+BLOCK_LAYOUTS = ("importance", "least-dropped")
+MAX_PARTITIONS = 5000  # "least-dropped" scores every partition of a group's heads up to this many, else "importance"
+
+
+def block_partitions(heads: list[int], sizes: list[int]):
+    """Every way to split `heads` into blocks of the given sizes (blocks of equal size unordered)."""
+    if not sizes:
+        yield []
+        return
+    size, rest = sizes[0], sizes[1:]
+    for block in itertools.combinations(heads, size):
+        remaining = [head for head in heads if head not in block]
+        for tail in block_partitions(remaining, rest):
+            if tail and len(tail[0]) == size and list(block) > tail[0]:
+                continue  # the same blocks in another order
+            yield [list(block), *tail]
+
+
+def least_dropped_blocks(contribution: torch.Tensor, top_k: int) -> list[list[int]]:
+    """Blocks for one group from its heads' per-token contributions [tokens, r] (norms of their projected
+    outputs): of the partitions into `sparse_blocks`' block sizes, the one that loses the least contribution
+    when each block keeps, per token, its head of largest contribution (what the router is fitted to do).
+    Heads that are rarely needed on the same token share a block. Returned like `sparse_blocks`: smallest
+    blocks first, heads by importance within a block, padded with copies of the first.
+
+    >>> least_dropped_blocks(torch.tensor([[1.0, 3.0, 0.0], [1.0, 0.0, 3.0]]), 2)  # heads 1, 2 never coincide
+    [[0, 0], [1, 2]]
+    """
+    r = contribution.shape[1]
+    importance = contribution.mean(0)
+    by_importance = importance.argsort(descending=True).tolist()
+    sizes = sorted(len(set(block)) for block in sparse_blocks(by_importance, top_k))
+    partitions = list(itertools.islice(block_partitions(list(range(r)), sizes), MAX_PARTITIONS + 1))
+    if len(partitions) > MAX_PARTITIONS:
+        return sparse_blocks(by_importance, top_k)
+    total = contribution.sum(1)
+
+    def dropped(blocks):
+        return (total - sum(contribution[:, block].max(1).values for block in blocks)).mean().item()
+
+    best = min(partitions, key=dropped)
+    best = [sorted(block, key=lambda head: -importance[head].item()) for block in best]
+    best.sort(key=lambda block: (len(block), -importance[block[0]].item()))
+    width = -(-r // top_k)
+    return [block + [block[0]] * (width - len(block)) for block in best]
 
 
 def check_sparse_top_k(source_config, top_k: int) -> None:

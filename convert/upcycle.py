@@ -34,7 +34,7 @@ from .cli import option, run_command, with_overrides
 from .data import blocks_of, load_token_blocks
 from .errors import UpcycleError
 from .evaluate import perplexity
-from .layout import build_exact, build_sparse_initial, check_sparse_top_k
+from .layout import BLOCK_LAYOUTS, build_exact, build_sparse_initial, check_sparse_top_k
 from .sources import read_source_config, read_source_tokenizer, read_source_weights
 from .staging import model_card, staged_output
 
@@ -60,6 +60,9 @@ class UpcycleOptions:
     router_ridge: float = option(1e-3, "sparse: ridge of the router fit, relative to the mean Gram diagonal")
     output_ridge: float = option(3e-4, "sparse: ridge of the o_proj fit, relative to the mean Gram diagonal")
     first_token_weight: float = option(2048.0, "sparse: weight of each sequence's first position in the o_proj fit")
+    block_layout: Literal["importance", "least-dropped"] = option("importance", "sparse: how each group's heads are split into the K routed slots: "
+                               "importance (the most important heads get slots of their own) or least-dropped (the "
+                               "split losing the least per-token contribution)")
     gguf_file: str | None = option(None, "GGUF file name inside SRC, read through transformers' GGUF loader")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of the saved weights")
     force: bool = option(False, "replace OUT if it exists")
@@ -76,6 +79,8 @@ def check_options(options: UpcycleOptions) -> None:
         raise UpcycleError(f"--mode must be 'exact' or 'sparse', got {options.mode!r}.")
     if options.dtype not in DTYPES:
         raise UpcycleError(f"--dtype must be one of {sorted(DTYPES)}, got {options.dtype!r}.")
+    if options.block_layout not in BLOCK_LAYOUTS:
+        raise UpcycleError(f"--block-layout must be one of {list(BLOCK_LAYOUTS)}, got {options.block_layout!r}.")
     if options.mode == "sparse" and options.top_k is None:
         raise UpcycleError("--mode sparse needs --top-k K, the query heads kept per KV group.")
     if options.mode == "sparse" and not options.data_sources:
@@ -149,7 +154,8 @@ def upcycle(src: str, out, options: UpcycleOptions | None = None, **overrides) -
         else:
             model = build_sparse_initial(source, options.top_k)
             calibrate_sparse(source, model, data.fit, seed=options.seed, router_ridge=options.router_ridge,
-                             output_ridge=options.output_ridge, first_token_weight=options.first_token_weight)
+                             output_ridge=options.output_ridge, first_token_weight=options.first_token_weight,
+                             block_layout=options.block_layout)
             if data.held_out.numel():
                 ppl_source, ppl_converted = perplexity(source, data.held_out), perplexity(model, data.held_out)
                 report.update({"held-out perplexity (source)": ppl_source,

@@ -95,6 +95,18 @@ def test_the_teacher_follows_the_students_device_and_dtype():
     assert {(p.device.type, p.dtype) for p in moved.parameters()} == {("meta", torch.float16)}
 
 
+@pytest.mark.parametrize("block_layout", ["importance", "least-dropped"])
+def test_sparse_k2_conversion_beats_head_dropping_with_either_layout(char_source, tmp_path, block_layout):
+    folder, text_file = char_source
+    report = upcycle(str(folder), tmp_path / "k2", mode="sparse", top_k=2, calibration_file=str(text_file),
+                     calibration_tokens=8192, held_out_tokens=4096, block_layout=block_layout)
+    source = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    held_out = load_token_blocks([text_file], tokenizer, 256, 8192, held_out_tokens=4096).held_out
+    assert report["held-out perplexity (converted)"] < perplexity(head_dropping_baseline(source, keep_per_group=2),
+                                                                 held_out)
+
+
 def test_heal_moves_the_sparse_model_towards_the_source(char_source, tmp_path):
     folder, text_file = char_source
     upcycle(str(folder), tmp_path / "k1", mode="sparse", top_k=1, calibration_file=str(text_file),

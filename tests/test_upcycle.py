@@ -318,3 +318,48 @@ def test_smollm2_sparse_beats_head_dropping(smollm2_source, smollm2_conversions)
     assert ppl_converted == pytest.approx(report["held-out perplexity (converted)"], rel=1e-3)
     assert ppl_converted < 0.5 * ppl_dropping, (ppl_converted, ppl_dropping)
     assert report["perplexity ratio"] < 2.5
+
+
+def test_block_partitions_are_every_split_once():
+    from math import factorial
+
+    from convert.layout import block_partitions
+
+    for heads, sizes, count in [(3, [1, 2], 3), (4, [2, 2], 3), (7, [3, 4], 35), (8, [2, 2, 2, 2], 105)]:
+        partitions = list(block_partitions(list(range(heads)), sizes))
+        assert len(partitions) == count
+        assert all(sorted(h for block in blocks for h in block) == list(range(heads)) for blocks in partitions)
+        assert len({tuple(map(tuple, blocks)) for blocks in partitions}) == count
+    assert count == factorial(8) // (factorial(2) ** 4 * factorial(4))
+
+
+def test_least_dropped_layout_pairs_heads_that_are_rarely_needed_together(monkeypatch):
+    """Heads 1 and 2 matter most on average but never on the same token: sharing a slot costs nothing there,
+    while the importance layout gives head 1 its own slot and pairs head 0 with head 2."""
+    import convert.layout
+    from convert.layout import least_dropped_blocks, sparse_blocks
+
+    contribution = torch.tensor([[1.0, 3.0, 0.0], [1.0, 0.0, 3.0]]).repeat(5, 1)
+    importance = contribution.mean(0).argsort(descending=True).tolist()
+    assert sparse_blocks(importance, 2) == [[1, 1], [2, 0]]
+    assert least_dropped_blocks(contribution, 2) == [[0, 0], [1, 2]]
+
+    def dropped(blocks):  # mean contribution lost when each block keeps its largest head per token
+        kept = sum(contribution[:, sorted(set(block))].max(1).values for block in blocks)
+        return (contribution.sum(1) - kept).mean().item()
+
+    assert dropped(least_dropped_blocks(contribution, 2)) == 0 < dropped(sparse_blocks(importance, 2)) == 0.5
+    generator = torch.Generator().manual_seed(0)
+    for r, k in [(4, 2), (6, 3), (8, 2)]:  # never worse than the importance layout
+        contribution = torch.rand(64, r, generator=generator) ** 3
+        by_importance = contribution.mean(0).argsort(descending=True).tolist()
+        assert dropped(least_dropped_blocks(contribution, k)) <= dropped(sparse_blocks(by_importance, k)) + 1e-6
+    monkeypatch.setattr(convert.layout, "MAX_PARTITIONS", 2)  # too many splits to score: the importance layout
+    assert least_dropped_blocks(contribution, 2) == sparse_blocks(by_importance, 2)
+
+
+def test_unknown_block_layout_is_refused(sources, tmp_path):
+    with pytest.raises(UpcycleError, match="--block-layout must be one of \\['importance', 'least-dropped'\\]"):
+        upcycle(str(sources / "llama"), tmp_path / "out", mode="sparse", top_k=1, block_layout="random",
+                calibration_file=__file__)
+    assert not (tmp_path / "out").exists()
