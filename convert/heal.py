@@ -13,6 +13,7 @@ import math
 import sys
 import tempfile
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +123,7 @@ class HealOptions:
     batch_size: int = option(4, "sequences per step")
     learning_rate: float = option(1e-4, "peak learning rate (cosine schedule)")
     alpha: float = option(0.5, "weight of the distillation loss (1 - alpha: the LM loss)")
-    trainable: str = option("all", "parameters trained: all, or attention (every layer's attention with its router "
+    trainable: Literal["all", "attention"] = option("all", "parameters trained: all, or attention (every layer's attention with its router "
                             "and shared head; embeddings, norms and MLPs stay the source's)")
     force: bool = option(False, "replace OUT if it exists")
     seed: int = option(0, "training seed")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import convert.heal
+from convert.errors import UpcycleError
 from convert.data import load_token_blocks
 from convert.evaluate import perplexity
 from convert.heal import DistillationTrainer, distill, heal, main as heal_main, place_teacher
@@ -188,8 +189,6 @@ def test_heal_input_errors_are_one_line(char_source, tmp_path, capsys):
         ([tmp_path / "k1", folder, "o4", "--text-file", tmp_path / "missing.txt"], "missing.txt does not exist"),
         ([tmp_path / "k1", tmp_path / "nowhere", "o5", "--text-file", text_file], "nowhere does not exist"),
         ([tmp_path / "k1", folder, "k1", "--text-file", text_file], "already exists"),
-        ([tmp_path / "k1", folder, "o6", "--text-file", text_file, "--trainable", "mlp"],
-         "--trainable 'mlp' is not a part of the model; choose one of ['all', 'attention']"),
     ]
     for argv, message in cases:
         argv = [str(a) if a != argv[2] else str(tmp_path / a) for a in argv]
@@ -197,4 +196,7 @@ def test_heal_input_errors_are_one_line(char_source, tmp_path, capsys):
         err = capsys.readouterr().err
         last_line = err.rstrip("\n").rsplit("\n", 1)[-1]
         assert last_line.startswith("gqe-heal: error: ") and message in last_line and "Traceback" not in err, err
+    with pytest.raises(UpcycleError, match="--trainable 'mlp' is not a part of the model; choose one of \\['all', "
+                                           "'attention'\\]"):
+        heal(str(tmp_path / "k1"), str(folder), str(tmp_path / "o6"), text_file=str(text_file), trainable="mlp")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k1", "truncated"]
