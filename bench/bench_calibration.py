@@ -83,7 +83,8 @@ def main():
     mixed = convert_and_measure(source, tokenizer, args.top_k, recipe, [sources[d] for d in DOMAINS], eval_blocks)
     final = {"recipe": f"best ({best['recipe']}), all domains mixed", **recipe,
              **{f"{domain} (seen, held-out text)": mixed[domain] / source_ppl[domain] for domain in DOMAINS}}
-    columns = ["recipe", "tokens", "output_ridge", "router_ridge", "block_layout", *[f"{d} (unseen)" for d in DOMAINS], "worst unseen"]
+    columns = ["recipe", "tokens", "output_ridge", "router_ridge", "block_layout",
+               *[f"{d} (unseen)" for d in DOMAINS], "worst unseen"]
     formats = {column: ".3f" for column in columns if "(" in column or column == "worst unseen"}
     report(f"Sparse K = {args.top_k} calibration recipes, leave-one-domain-out (perplexity / source's)", columns, rows,
            formats, json_path=args.json,

@@ -268,8 +268,8 @@ def projection_rows(token_counts, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["decode", "smollm2", "static", "memory", "training", "projection"],
-                        choices=["decode", "smollm2", "static", "memory", "training", "projection"])
+    parts = ["decode", "smollm2", "static", "memory", "training", "projection"]
+    parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--steps", type=int, default=16, help="decode steps per timed run")
     parser.add_argument("--repeats", type=int, default=7)

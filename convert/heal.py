@@ -72,15 +72,14 @@ def check_trainable(trainable: str) -> None:
                            f"{sorted(TRAINABLE_PARTS)}.")
 
 
-def set_trainable(model: torch.nn.Module, trainable: str) -> int:
+def set_trainable(model: torch.nn.Module, trainable: str) -> None:
     """Freeze every parameter outside `trainable` ("all", or "attention": every layer's self_attn, router and
-    shared head included); returns how many parameters stay trainable. Healing only the attention changes only
+    shared head included). Healing only the attention changes only
     the part the sparse conversion replaced and leaves the embeddings and MLPs as the source trained them."""
     check_trainable(trainable)
     part = TRAINABLE_PARTS[trainable]
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(part is None or part in name)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def distill(student, teacher, train_ids: torch.Tensor, output_dir, batch_size: int = 4, learning_rate: float = 1e-4,
@@ -123,8 +122,9 @@ class HealOptions:
     batch_size: int = option(4, "sequences per step")
     learning_rate: float = option(1e-4, "peak learning rate (cosine schedule)")
     alpha: float = option(0.5, "weight of the distillation loss (1 - alpha: the LM loss)")
-    trainable: Literal["all", "attention"] = option("all", "parameters trained: all, or attention (every layer's attention with its router "
-                            "and shared head; embeddings, norms and MLPs stay the source's)")
+    trainable: Literal["all", "attention"] = option(
+        "all", "parameters trained: all, or attention (every layer's attention with its router and shared head; "
+        "embeddings, norms and MLPs stay the source's)")
     force: bool = option(False, "replace OUT if it exists")
     seed: int = option(0, "training seed")
 

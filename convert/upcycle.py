@@ -60,9 +60,9 @@ class UpcycleOptions:
     router_ridge: float = option(1e-3, "sparse: ridge of the router fit, relative to the mean Gram diagonal")
     output_ridge: float = option(3e-4, "sparse: ridge of the o_proj fit, relative to the mean Gram diagonal")
     first_token_weight: float = option(2048.0, "sparse: weight of each sequence's first position in the o_proj fit")
-    block_layout: Literal["importance", "least-dropped"] = option("importance", "sparse: how each group's heads are split into the K routed slots: "
-                               "importance (the most important heads get slots of their own) or least-dropped (the "
-                               "split losing the least per-token contribution)")
+    block_layout: Literal["importance", "least-dropped"] = option(
+        "importance", "sparse: how each group's heads are split into the K routed slots: importance (the most "
+        "important heads get slots of their own) or least-dropped (the split losing the least per-token contribution)")
     gguf_file: str | None = option(None, "GGUF file name inside SRC, read through transformers' GGUF loader")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of the saved weights")
     force: bool = option(False, "replace OUT if it exists")
