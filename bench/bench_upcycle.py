@@ -68,6 +68,8 @@ def main():
                         help="healing budgets; none (just the flag) for conversion only")
     parser.add_argument("--heal-learning-rate", type=float, default=1e-4,
                         help="peak learning rate of healing and of the dense control's fine-tune")
+    parser.add_argument("--heal-epochs", type=int, default=1,
+                        help="passes over the healing tokens, for healing and for the dense control's fine-tune")
     parser.add_argument("--heal-trainable", default="all", choices=["all", "attention"],
                         help="parameters trained by healing and by the dense control's fine-tune")
     parser.add_argument("--calibration-tokens", type=int, default=16384)
@@ -90,6 +92,7 @@ def main():
     data = args.data or [f"{spec},weight=1" for spec in domain_sources().values()]
     source, tokenizer = load_checkpoint(src, GGUF)
     rows = []
+    passes = f" x {args.heal_epochs} passes" if args.heal_epochs > 1 else ""
 
     def add(name, model, started, **extra):
         rows.append({"checkpoint": name, **measure(model, tokenizer, args), **extra,
@@ -109,8 +112,8 @@ def main():
             for tokens in args.heal_tokens:
                 started, healed = time.time(), Path(work) / f"k{top_k}-healed-{tokens}"
                 heal(str(converted), src, str(healed), data=data, gguf_file=GGUF, tokens=tokens,
-                     learning_rate=args.heal_learning_rate, trainable=args.heal_trainable)
-                add(f"K = {top_k}, healed on {tokens} tokens", load_checkpoint(str(healed))[0], started,
+                     learning_rate=args.heal_learning_rate, trainable=args.heal_trainable, epochs=args.heal_epochs)
+                add(f"K = {top_k}, healed on {tokens} tokens{passes}", load_checkpoint(str(healed))[0], started,
                     healed_tokens=tokens)
     controls = {}
     if args.dense_control:
@@ -121,8 +124,8 @@ def main():
             student.load_state_dict(source.state_dict())
             with tempfile.TemporaryDirectory() as work:
                 distill(student, source, train_ids, work, learning_rate=args.heal_learning_rate,
-                        trainable=args.heal_trainable)
-            controls[tokens] = add(f"dense control, tuned on {tokens} tokens", student, started, healed_tokens=tokens)
+                        trainable=args.heal_trainable, epochs=args.heal_epochs)
+            controls[tokens] = add(f"dense control, tuned on {tokens} tokens{passes}", student, started, healed_tokens=tokens)
 
     # Converted rows against the source; healed rows against the dense control of the same budget.
     table = []

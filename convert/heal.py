@@ -72,6 +72,11 @@ def check_trainable(trainable: str) -> None:
                            f"{sorted(TRAINABLE_PARTS)}.")
 
 
+def check_epochs(epochs: int) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise UpcycleError(f"--epochs {epochs!r}: healing needs a whole number of passes over its text, 1 or more.")
+
+
 def set_trainable(model: torch.nn.Module, trainable: str) -> None:
     """Freeze every parameter outside `trainable` ("all", or "attention": every layer's self_attn, router and
     shared head included). Healing only the attention changes only
@@ -83,18 +88,21 @@ def set_trainable(model: torch.nn.Module, trainable: str) -> None:
 
 
 def distill(student, teacher, train_ids: torch.Tensor, output_dir, batch_size: int = 4, learning_rate: float = 1e-4,
-            alpha: float = 0.5, seed: int = 0, callbacks=None, trainable: str = "all") -> list[float]:
-    """One pass of `DistillationTrainer` over `train_ids` (blocks x seq_len), cosine schedule; returns the logged losses.
+            alpha: float = 0.5, seed: int = 0, callbacks=None, trainable: str = "all",
+            epochs: int = 1) -> list[float]:
+    """`epochs` passes of `DistillationTrainer` over `train_ids` (blocks x seq_len), one cosine schedule over all of
+    them; returns the logged losses.
 
     Shared by `heal` and by the benchmark's control that gives the dense source the same fine-tune. `trainable`
     chooses the parameters trained (`set_trainable`). On a GPU with bf16 support, fp32 students train in bf16
     mixed precision."""
+    check_epochs(epochs)
     set_trainable(student, trainable)
-    steps = math.ceil(train_ids.shape[0] / batch_size)
+    steps = math.ceil(train_ids.shape[0] / batch_size) * epochs
     mixed_precision = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()
                        and next(student.parameters()).dtype == torch.float32)
     args = TrainingArguments(
-        output_dir=str(output_dir), num_train_epochs=1, per_device_train_batch_size=batch_size,
+        output_dir=str(output_dir), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0,
         logging_steps=max(1, steps // 20), save_strategy="no", report_to=[],
         seed=seed, use_cpu=not torch.cuda.is_available(), bf16=mixed_precision, dataloader_num_workers=0,
@@ -116,7 +124,8 @@ class HealOptions:
     text_column: str = option("text", "default text column of tabular data sources")
     streaming: bool = option(False, "stream the data sources (held out = their first blocks)")
     gguf_file: str | None = option(None, "GGUF file name inside SRC")
-    tokens: int = option(100_000, "training tokens (one pass)")
+    tokens: int = option(100_000, "training tokens (read once, trained on --epochs times)")
+    epochs: int = option(1, "passes over the training tokens (the cosine schedule spans all of them)")
     held_out_tokens: int = option(8192, "held-out tokens on which perplexity is reported")
     seq_len: int = option(256, "training sequence length")
     batch_size: int = option(4, "sequences per step")
@@ -140,6 +149,7 @@ def heal(converted: str, src: str, out, options: HealOptions | None = None, **ov
     if not options.data_sources:
         raise UpcycleError("gqe-heal needs training text: --text-file TXT or --data SOURCE.")
     check_trainable(options.trainable)  # before any model work
+    check_epochs(options.epochs)
     check_output(out, options.force)
     source_config = read_source_config(src, options.gguf_file)
     tokenizer = read_source_tokenizer(src, options.gguf_file)
@@ -157,17 +167,20 @@ def heal(converted: str, src: str, out, options: HealOptions | None = None, **ov
         report["loss history"] = distill(
             student, teacher, data.fit, scratch, batch_size=options.batch_size, learning_rate=options.learning_rate,
             alpha=options.alpha, seed=options.seed, callbacks=[GQERoutingCallback()], trainable=options.trainable,
+            epochs=options.epochs,
         )
         report["healing tokens"] = int(data.fit.numel())
+        report["healing passes"] = options.epochs
         if data.held_out.numel():
             report["held-out perplexity (GQE after healing)"] = perplexity(student, data.held_out)
         student.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     if data.held_out.numel():
+        passes = f" x {options.epochs} passes" if options.epochs > 1 else ""
         print(
             f"held-out perplexity: source {report['held-out perplexity (source)']:.2f}, GQE before healing "
-            f"{report['held-out perplexity (GQE before healing)']:.2f}, after {report['healing tokens']} tokens "
-            f"{report['held-out perplexity (GQE after healing)']:.2f}"
+            f"{report['held-out perplexity (GQE before healing)']:.2f}, after {report['healing tokens']} tokens"
+            f"{passes} {report['held-out perplexity (GQE after healing)']:.2f}"
         )
     return report
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+                          TrainerCallback)
 
 import convert.heal
 from convert.errors import UpcycleError
@@ -157,6 +158,33 @@ def test_distill_fine_tunes_a_dense_model_too(char_source, tmp_path):
     assert perplexity(teacher, train_ids) == pytest.approx(before)  # the teacher stays frozen
 
 
+def test_distill_epochs_pass_over_the_text_again_under_one_schedule(char_source, tmp_path):
+    folder, text_file = char_source
+    teacher = LlamaForCausalLM.from_pretrained(folder).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    train_ids = load_token_blocks([text_file], tokenizer, 64, 16384).fit
+    steps_per_pass = math.ceil(train_ids.shape[0] / 16)
+
+    class LearningRates(TrainerCallback):
+        def __init__(self):
+            self.seen = []
+
+        def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+            self.seen.append(lr_scheduler.get_last_lr()[0])
+
+    rates = {}
+    for epochs in (1, 2):
+        rates[epochs] = LearningRates()
+        distill(LlamaForCausalLM.from_pretrained(folder), teacher, train_ids, tmp_path / f"trainer{epochs}",
+                batch_size=16, learning_rate=1e-3, epochs=epochs, callbacks=[rates[epochs]])
+    one, two = rates[1].seen, rates[2].seen
+    assert len(one) == steps_per_pass and len(two) == 2 * steps_per_pass
+    # One cosine schedule spans both passes: half-way it is near its peak's half, not restarted or finished.
+    assert 0.3e-3 < two[steps_per_pass - 1] < 0.7e-3 and two[-1] < 0.05e-3 and one[-1] < 0.05e-3
+    with pytest.raises(UpcycleError, match="--epochs 0: healing needs a whole number"):
+        distill(LlamaForCausalLM.from_pretrained(folder), teacher, train_ids, tmp_path / "trainer0", epochs=0)
+
+
 def test_heal_of_the_attention_only_leaves_every_other_weight_as_converted(char_source, tmp_path):
     folder, text_file = char_source
     upcycle(str(folder), tmp_path / "k1", mode="sparse", top_k=1, calibration_file=str(text_file),
@@ -189,6 +217,8 @@ def test_heal_input_errors_are_one_line(char_source, tmp_path, capsys):
         ([tmp_path / "k1", folder, "o4", "--text-file", tmp_path / "missing.txt"], "missing.txt does not exist"),
         ([tmp_path / "k1", tmp_path / "nowhere", "o5", "--text-file", text_file], "nowhere does not exist"),
         ([tmp_path / "k1", folder, "k1", "--text-file", text_file], "already exists"),
+        ([tmp_path / "k1", folder, "o6", "--text-file", text_file, "--epochs", "0"],
+         "--epochs 0: healing needs a whole number of passes over its text, 1 or more"),
     ]
     for argv, message in cases:
         argv = [str(a) if a != argv[2] else str(tmp_path / a) for a in argv]
