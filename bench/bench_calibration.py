@@ -9,7 +9,7 @@ domain's held-out part (seen domains, unseen text).
 
 Conversions run in memory (convert.layout + convert.fit), nothing is written to disk.
 
-    python bench/bench_calibration.py                     # the grid below, K = 2 (about 70 minutes on 2 CPU cores)
+    python bench/bench_calibration.py                     # the grid below, K = 2 (about 100 minutes on 2 CPU cores)
     python bench/bench_calibration.py --recipes 0 3 --top-k 1
 """
 
@@ -32,8 +32,8 @@ DOMAINS = ["shakespeare", "wikitext", "science"]
 # Today's defaults first; then more calibration tokens (the lever the 2026-11-24 gap hunt pointed at: 8192 tokens
 # gave 1.42x on tinyshakespeare where 16384 give 1.13x), then stronger ridges at the middle size.
 # Recipe 5 varies the layout: which heads share a routed slot (convert.layout.least_dropped_blocks). Recipe 6
-# doubles the calibration once more (the science passages hold about 80k fit tokens, so 64k per unseen-domain mix
-# half is as far as the data here goes).
+# doubles the calibration once more (the science passages are 83k tokens, 75k of them in the fit part, so 64k per
+# half of an unseen-domain mix is as far as the data here goes).
 GRID = [
     dict(tokens=16384, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance"),
     dict(tokens=32768, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance"),
