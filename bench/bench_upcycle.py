@@ -70,6 +70,9 @@ def main():
                         help="peak learning rate of healing and of the dense control's fine-tune")
     parser.add_argument("--heal-epochs", type=int, default=1,
                         help="passes over the healing tokens, for healing and for the dense control's fine-tune")
+    parser.add_argument("--heal-alpha", type=float, default=1.0,
+                        help="weight of the distillation loss in healing and in the dense control's fine-tune "
+                        "(1 - alpha: the LM loss)")
     parser.add_argument("--heal-trainable", default="all", choices=["all", "attention"],
                         help="parameters trained by healing and by the dense control's fine-tune")
     parser.add_argument("--calibration-tokens", type=int, default=16384)
@@ -112,7 +115,8 @@ def main():
             for tokens in args.heal_tokens:
                 started, healed = time.time(), Path(work) / f"k{top_k}-healed-{tokens}"
                 heal(str(converted), src, str(healed), data=data, gguf_file=GGUF, tokens=tokens,
-                     learning_rate=args.heal_learning_rate, trainable=args.heal_trainable, epochs=args.heal_epochs)
+                     learning_rate=args.heal_learning_rate, trainable=args.heal_trainable, epochs=args.heal_epochs,
+                     alpha=args.heal_alpha)
                 add(f"K = {top_k}, healed on {tokens} tokens{passes}", load_checkpoint(str(healed))[0], started,
                     healed_tokens=tokens)
     controls = {}
@@ -124,7 +128,7 @@ def main():
             student.load_state_dict(source.state_dict())
             with tempfile.TemporaryDirectory() as work:
                 distill(student, source, train_ids, work, learning_rate=args.heal_learning_rate,
-                        trainable=args.heal_trainable, epochs=args.heal_epochs)
+                        trainable=args.heal_trainable, epochs=args.heal_epochs, alpha=args.heal_alpha)
             controls[tokens] = add(f"dense control, tuned on {tokens} tokens{passes}", student, started, healed_tokens=tokens)
 
     # Converted rows against the source; healed rows against the dense control of the same budget.

@@ -3,10 +3,13 @@
     gqe-heal CONVERTED SRC OUT --text-file TXT [--gguf-file NAME] [--tokens 100000] [--seq-len 256]
     gqe-heal CONVERTED SRC OUT --data wiki.parquet,weight=2 notes.jsonl,column=body [--streaming]
 
-The loss is `alpha * KL(source || GQE) + (1 - alpha) * LM loss` (plus the router's load-balancing term, which the
-model adds itself while training). Training text comes through the same data path as calibration
-(convert/data.py): the fit part of each source is trained on, its held-out part measured. Prints held-out
-perplexity of the source and of GQE before and after healing.
+The loss is `alpha * KL(source || GQE) + (1 - alpha) * the model's own training loss` (the LM loss plus the
+router's load-balancing term, which the model adds itself while training). The default, alpha = 1, is pure
+distillation: it pulls the converted model back towards the source's behaviour on any text, where the LM loss also
+adapts it to the training text (bench/RESULTS.md measures both). It has no balancing term: the router is balanced
+by construction at conversion and stays so (K = 2 SmolLM2: router entropy 0.99 before and after). Training text
+comes through the same data path as calibration (convert/data.py): the fit part of each source is trained on, its
+held-out part measured. Prints held-out perplexity of the source and of GQE before and after healing.
 """
 
 import math
@@ -41,7 +44,7 @@ class DistillationTrainer(Trainer):
     The teacher follows the student: it is moved to the device and dtype of the student's parameters at the first
     step (after Trainer or accelerate has placed the student), and runs under the same autocast."""
 
-    def __init__(self, *args, teacher, alpha: float = 0.5, temperature: float = 1.0, **kwargs):
+    def __init__(self, *args, teacher, alpha: float = 1.0, temperature: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False)
         self.alpha = alpha
@@ -77,6 +80,12 @@ def check_epochs(epochs: int) -> None:
         raise UpcycleError(f"--epochs {epochs!r}: healing needs a whole number of passes over its text, 1 or more.")
 
 
+def check_alpha(alpha: float) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise UpcycleError(f"--alpha {alpha!r}: the distillation weight must be between 0 (LM loss only) and 1 "
+                           "(distillation only, the default).")
+
+
 def set_trainable(model: torch.nn.Module, trainable: str) -> None:
     """Freeze every parameter outside `trainable` ("all", or "attention": every layer's self_attn, router and
     shared head included). Healing only the attention changes only
@@ -88,7 +97,7 @@ def set_trainable(model: torch.nn.Module, trainable: str) -> None:
 
 
 def distill(student, teacher, train_ids: torch.Tensor, output_dir, batch_size: int = 4, learning_rate: float = 1e-4,
-            alpha: float = 0.5, seed: int = 0, callbacks=None, trainable: str = "all",
+            alpha: float = 1.0, seed: int = 0, callbacks=None, trainable: str = "all",
             epochs: int = 1) -> list[float]:
     """`epochs` passes of `DistillationTrainer` over `train_ids` (blocks x seq_len), one cosine schedule over all of
     them; returns the logged losses.
@@ -97,6 +106,7 @@ def distill(student, teacher, train_ids: torch.Tensor, output_dir, batch_size: i
     chooses the parameters trained (`set_trainable`). On a GPU with bf16 support, fp32 students train in bf16
     mixed precision."""
     check_epochs(epochs)
+    check_alpha(alpha)
     set_trainable(student, trainable)
     steps = math.ceil(train_ids.shape[0] / batch_size) * epochs
     mixed_precision = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -130,7 +140,8 @@ class HealOptions:
     seq_len: int = option(256, "training sequence length")
     batch_size: int = option(4, "sequences per step")
     learning_rate: float = option(1e-4, "peak learning rate (cosine schedule)")
-    alpha: float = option(0.5, "weight of the distillation loss (1 - alpha: the LM loss)")
+    alpha: float = option(1.0, "weight of the distillation loss (1 - alpha: the LM loss); 1 heals towards the source "
+                          "everywhere, below 1 also adapts the model to the training text")
     trainable: Literal["all", "attention"] = option(
         "all", "parameters trained: all, or attention (every layer's attention with its router and shared head; "
         "embeddings, norms and MLPs stay the source's)")
@@ -150,6 +161,7 @@ def heal(converted: str, src: str, out, options: HealOptions | None = None, **ov
         raise UpcycleError("gqe-heal needs training text: --text-file TXT or --data SOURCE.")
     check_trainable(options.trainable)  # before any model work
     check_epochs(options.epochs)
+    check_alpha(options.alpha)
     check_output(out, options.force)
     source_config = read_source_config(src, options.gguf_file)
     tokenizer = read_source_tokenizer(src, options.gguf_file)

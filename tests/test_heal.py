@@ -151,7 +151,8 @@ def test_distill_fine_tunes_a_dense_model_too(char_source, tmp_path):
     tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
     train_ids = load_token_blocks([text_file], tokenizer, 64, 16384).fit
     before = perplexity(student, train_ids)
-    losses = distill(student, teacher, train_ids, tmp_path / "trainer", batch_size=16, learning_rate=2e-3)
+    losses = distill(student, teacher, train_ids, tmp_path / "trainer", batch_size=16, learning_rate=2e-3,
+                     alpha=0.5)  # the LM loss half: KL to its own copy alone would leave it where it is
     assert len(losses) >= 2 and not student.training
     after = perplexity(student, train_ids)
     assert after < 0.95 * before, (before, after)
@@ -219,6 +220,8 @@ def test_heal_input_errors_are_one_line(char_source, tmp_path, capsys):
         ([tmp_path / "k1", folder, "k1", "--text-file", text_file], "already exists"),
         ([tmp_path / "k1", folder, "o6", "--text-file", text_file, "--epochs", "0"],
          "--epochs 0: healing needs a whole number of passes over its text, 1 or more"),
+        ([tmp_path / "k1", folder, "o7", "--text-file", text_file, "--alpha", "1.5"],
+         "--alpha 1.5: the distillation weight must be between 0 (LM loss only) and 1 (distillation only"),
     ]
     for argv, message in cases:
         argv = [str(a) if a != argv[2] else str(tmp_path / a) for a in argv]
