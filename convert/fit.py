@@ -19,7 +19,9 @@ Fit, layer by layer, on the converted model's own activations:
    shared head and the weighted slot stand in for the dropped heads' average contribution.
    The first position of each sequence is weighted heavily (`first_token_weight`): there every head sees
    only itself, the read-out can be exact, and models with attention sinks depend on it.
-3. The converted layer (with its new weights) produces the next layer's input, so later layers are fitted on
+3. Optionally (`refine_epochs`), a few epochs of Adam on all of the layer's attention weights together, on the
+   same error: the closed forms cannot reach the query experts, the shared query or K/V (bench/RESULTS.md).
+4. The converted layer (with its new weights) produces the next layer's input, so later layers are fitted on
    what they will actually see.
 """
 
@@ -47,10 +49,46 @@ def capture_input(module):
     return store, module.register_forward_pre_hook(hook)
 
 
+def refine_attention(attn, inputs: list[torch.Tensor], targets: list[torch.Tensor], position_embeddings,
+                     row_weight: torch.Tensor, epochs: int, learning_rate: float) -> tuple[float, float]:
+    """Adam on every weight of one converted attention layer, minimising the o_proj fit's weighted squared error to
+    the source attention's output on the same inputs (relative to the targets' mean squared norm, so the rate does
+    not depend on the layer's scale). Returns that error before and after; if Adam's steps made it worse (they can,
+    where the closed form was already near the optimum), the layer's weights are put back as they were.
+
+    The closed-form fits reach the router and o_proj one at a time, each with the rest frozen; this step moves them
+    together with what they cannot reach: the query experts (a shared slot's projection serves two heads, so their
+    queries can be re-aimed), the shared head's query and the K/V projections."""
+    row_weight = row_weight.to(targets[0].dtype)
+    scale = torch.stack([y.pow(2).sum(-1).mean() for y in targets]).mean()
+
+    def error(h, wanted):
+        output = attn(h, position_embeddings=position_embeddings, attention_mask=None)[0]
+        return ((output - wanted).pow(2).sum(-1) * row_weight).mean() / scale
+
+    def mean_error():
+        return sum(error(h, wanted).item() for h, wanted in zip(inputs, targets)) / len(inputs)
+
+    before, weights = mean_error(), {name: value.clone() for name, value in attn.state_dict().items()}
+    optimizer = torch.optim.Adam(attn.parameters(), lr=learning_rate)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for h, wanted in zip(inputs, targets):
+                loss = error(h, wanted)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    after = mean_error()
+    if after > before:
+        attn.load_state_dict(weights)
+    return before, min(before, after)
+
+
 @torch.no_grad()
 def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, seed: int = 0,
                      router_ridge: float = 1e-3, output_ridge: float = 3e-4,
-                     first_token_weight: float = 2048.0, block_layout: str = "importance") -> None:
+                     first_token_weight: float = 2048.0, block_layout: str = "importance",
+                     refine_epochs: int = 0, refine_learning_rate: float = 1e-4) -> None:
     """Fit routers and o_proj of `model` (sparse GQE built from `source`) on `fit_ids` [n, T], in place.
 
     Each converted attention layer is fitted to the source attention's output on the same (converted) input.
@@ -63,6 +101,8 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
     block_layout: how a group's heads are split into blocks. "importance" (above: the most important heads in
     the smallest blocks); "least-dropped": the split that loses the least contribution per token when each
     block keeps its largest head (`layout.least_dropped_blocks`).
+    refine_epochs, refine_learning_rate: passes of `refine_attention` over the calibration text after each layer's
+    closed-form fit, and Adam's rate (0: off, the closed forms alone).
     """
     torch.manual_seed(seed)
     for network in (source, model):
@@ -80,6 +120,7 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
     hidden = [model.model.embed_tokens(batch) for batch in batches]  # converted residual stream, per batch
     position_embeddings = model.model.rotary_emb(hidden[0], position_ids)
     weights = llama_named_state_dict(source)
+    refined = []  # (error before, after) of each layer's refinement
 
     for index, (source_layer, layer) in enumerate(
         tqdm(list(zip(source.model.layers, model.model.layers)), desc="calibrating layers", unit="layer")
@@ -133,8 +174,18 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
         handle.remove()
         attn.o_proj.weight.copy_(ridge_solve(output_gram, output_cross, output_ridge).T.to(attn.o_proj.weight.dtype))
 
-        # 3. Next layer's input, through the converted layer as it now is.
+        # 3. Optionally, all of the layer's weights together by gradient descent on the same error.
+        if refine_epochs:
+            refined.append(refine_attention(attn, normed, targets, position_embeddings, row_weight, refine_epochs,
+                                            refine_learning_rate))
+
+        # 4. Next layer's input, through the converted layer as it now is.
         hidden = [
             layer(x, position_embeddings=position_embeddings, position_ids=position_ids, attention_mask=None)
             for x in hidden
         ]
+    if refined:
+        before, after = (sum(errors) / len(refined) for errors in zip(*refined))
+        kept = sum(new < old for old, new in refined)
+        print(f"refinement: mean relative attention error {before:.4f} -> {after:.4f} over {len(refined)} layers "
+              f"(improved and kept in {kept})")

@@ -63,6 +63,9 @@ class UpcycleOptions:
     block_layout: Literal["importance", "least-dropped"] = option(
         "importance", "sparse: how each group's heads are split into the K routed slots: importance (the most "
         "important heads get slots of their own) or least-dropped (the split losing the least per-token contribution)")
+    refine_epochs: int = option(0, "sparse: after each layer's closed-form fit, passes of Adam over the calibration "
+                                "text on all of its attention weights together (0: off)")
+    refine_learning_rate: float = option(1e-4, "sparse: Adam's rate for --refine-epochs")
     gguf_file: str | None = option(None, "GGUF file name inside SRC, read through transformers' GGUF loader")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of the saved weights")
     force: bool = option(False, "replace OUT if it exists")
@@ -81,6 +84,11 @@ def check_options(options: UpcycleOptions) -> None:
         raise UpcycleError(f"--dtype must be one of {sorted(DTYPES)}, got {options.dtype!r}.")
     if options.block_layout not in BLOCK_LAYOUTS:
         raise UpcycleError(f"--block-layout must be one of {list(BLOCK_LAYOUTS)}, got {options.block_layout!r}.")
+    epochs = options.refine_epochs
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise UpcycleError(f"--refine-epochs must be a whole number, 0 (off) or more, got {options.refine_epochs!r}.")
+    if not options.refine_learning_rate > 0:
+        raise UpcycleError(f"--refine-learning-rate must be positive, got {options.refine_learning_rate!r}.")
     if options.mode == "sparse" and options.top_k is None:
         raise UpcycleError("--mode sparse needs --top-k K, the query heads kept per KV group.")
     if options.mode == "sparse" and not options.data_sources:
@@ -155,7 +163,8 @@ def upcycle(src: str, out, options: UpcycleOptions | None = None, **overrides) -
             model = build_sparse_initial(source, options.top_k)
             calibrate_sparse(source, model, data.fit, seed=options.seed, router_ridge=options.router_ridge,
                              output_ridge=options.output_ridge, first_token_weight=options.first_token_weight,
-                             block_layout=options.block_layout)
+                             block_layout=options.block_layout, refine_epochs=options.refine_epochs,
+                             refine_learning_rate=options.refine_learning_rate)
             if data.held_out.numel():
                 ppl_source, ppl_converted = perplexity(source, data.held_out), perplexity(model, data.held_out)
                 report.update({"held-out perplexity (source)": ppl_source,

@@ -161,6 +161,10 @@ def test_cli_errors_name_the_problem_and_the_fix(sources, tmp_path, capsys):
         ([str(sources / "llama"), str(tmp_path / "o6"), "--mode", "sparse", "--top-k", "0"], "outside the source's heads"),
         ([str(sources / "llama"), str(tmp_path / "o7"), "--mode", "sparse"], "needs --top-k"),
         ([str(sources / "llama"), str(tmp_path / "o8"), "--mode", "exact", "--copies", "0"], "--copies must be >= 1"),
+        ([str(sources / "llama"), str(tmp_path / "o9"), "--mode", "exact", "--refine-epochs", "-1"],
+         "--refine-epochs must be a whole number, 0 (off) or more, got -1"),
+        ([str(sources / "llama"), str(tmp_path / "o10"), "--mode", "exact", "--refine-learning-rate", "0"],
+         "--refine-learning-rate must be positive, got 0.0"),
         ([str(sources / "llama"), str(sources / "mistral"), "--mode", "exact"], "already exists"),
     ]
     for argv, message in cases:
