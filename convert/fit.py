@@ -88,8 +88,9 @@ def refine_attention(attn, inputs: list[torch.Tensor], targets: list[torch.Tenso
 def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, seed: int = 0,
                      router_ridge: float = 1e-3, output_ridge: float = 3e-4,
                      first_token_weight: float = 2048.0, block_layout: str = "importance",
-                     refine_epochs: int = 0, refine_learning_rate: float = 1e-4) -> None:
+                     refine_epochs: int = 0, refine_learning_rate: float = 1e-4) -> torch.Tensor:
     """Fit routers and o_proj of `model` (sparse GQE built from `source`) on `fit_ids` [n, T], in place.
+    Returns the source head each expert copies, per layer: [num_layers, G*M] (experts are laid out per layer).
 
     Each converted attention layer is fitted to the source attention's output on the same (converted) input.
     (Fitting to the source model's own residual stream instead, to correct earlier layers' drift, was tried
@@ -121,6 +122,7 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
     position_embeddings = model.model.rotary_emb(hidden[0], position_ids)
     weights = llama_named_state_dict(source)
     refined = []  # (error before, after) of each layer's refinement
+    layer_expert_heads = []
 
     for index, (source_layer, layer) in enumerate(
         tqdm(list(zip(source.model.layers, model.model.layers)), desc="calibrating layers", unit="layer")
@@ -148,6 +150,7 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
             importance = contribution.mean(0)
             blocks = [sparse_blocks(importance[g].argsort(descending=True).tolist(), k) for g in range(G)]
         expert_heads = set_sparse_experts(attn, source_heads, blocks)  # [G*M]
+        layer_expert_heads.append(expert_heads)
         router_target = log_norm[:, expert_heads].view(-1, G, k, M // k)
         router_target = (router_target - router_target.mean(dim=-1, keepdim=True)).view(-1, G * M).double()
         x = torch.cat([h.reshape(-1, h.shape[-1]) for h in normed]).double()
@@ -189,3 +192,4 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
         kept = sum(new < old for old, new in refined)
         print(f"refinement: mean relative attention error {before:.4f} -> {after:.4f} over {len(refined)} layers "
               f"(improved and kept in {kept})")
+    return torch.stack(layer_expert_heads)

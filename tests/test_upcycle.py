@@ -367,3 +367,25 @@ def test_unknown_block_layout_is_refused(sources, tmp_path):
         upcycle(str(sources / "llama"), tmp_path / "out", mode="sparse", top_k=1, block_layout="random",
                 calibration_file=__file__)
     assert not (tmp_path / "out").exists()
+
+
+def test_calibration_reports_the_source_head_of_every_expert():
+    """calibrate_sparse returns, per layer, the source head each expert copies: its q_proj rows are that head's,
+    the head belongs to the expert's group, and every head of the group has an expert."""
+    from convert.fit import calibrate_sparse
+    from convert.layout import build_sparse_initial
+
+    source = build_source("llama")
+    model = build_sparse_initial(source, 2)
+    fit_ids = torch.randint(0, TINY["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(0))
+    expert_heads = calibrate_sparse(source, model, fit_ids)
+    config, d = model.config, model.config.head_dim
+    G, M = config.num_key_value_heads, config.num_experts_per_group
+    r = TINY["num_attention_heads"] // G
+    assert expert_heads.shape == (TINY["num_hidden_layers"], G * M)
+    for layer, source_layer, heads in zip(model.model.layers, source.model.layers, expert_heads):
+        expert_rows = layer.self_attn.q_proj.weight.view(G * M, d, -1)
+        head_rows = source_layer.self_attn.q_proj.weight.view(-1, d, expert_rows.shape[-1])
+        torch.testing.assert_close(expert_rows, head_rows[heads], rtol=0, atol=0)
+        for g in range(G):
+            assert set(heads[g * M : (g + 1) * M].tolist()) == set(range(g * r, (g + 1) * r))
