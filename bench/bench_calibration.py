@@ -35,6 +35,7 @@ DOMAINS = ["shakespeare", "wikitext", "science"]
 # doubles the calibration once more (the science passages are 83k tokens, 75k of them in the fit part, so 64k per
 # half of an unseen-domain mix is as far as the data here goes). Recipe 7 adds the gradient refinement of each
 # layer's attention after its closed-form fit (`gqe-upcycle --refine-epochs`); recipes without it have none.
+# Recipe 8 refines in batches of 2 sequences instead of 8 (`--refine-batch-size 2`: 4x the Adam steps).
 GRID = [
     dict(tokens=16384, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance"),
     dict(tokens=32768, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance"),
@@ -45,6 +46,8 @@ GRID = [
     dict(tokens=131072, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance"),
     dict(tokens=65536, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance", refine_epochs=2,
          refine_learning_rate=1e-4),
+    dict(tokens=65536, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance", refine_epochs=2,
+         refine_learning_rate=1e-4, refine_batch_size=2),
 ]
 
 
@@ -54,7 +57,8 @@ def convert_and_measure(source, tokenizer, top_k, recipe, fit_sources, eval_bloc
     calibrate_sparse(source, model, fit, seed=seed, router_ridge=recipe["router_ridge"],
                      output_ridge=recipe["output_ridge"], block_layout=recipe["block_layout"],
                      refine_epochs=recipe.get("refine_epochs", 0),
-                     refine_learning_rate=recipe.get("refine_learning_rate", 1e-4))
+                     refine_learning_rate=recipe.get("refine_learning_rate", 1e-4),
+                     refine_batch_size=recipe.get("refine_batch_size"))
     return {domain: perplexity(model, blocks) for domain, blocks in eval_blocks.items()}
 
 
@@ -91,7 +95,7 @@ def main():
     mixed = convert_and_measure(source, tokenizer, args.top_k, recipe, [sources[d] for d in DOMAINS], eval_blocks)
     final = {"recipe": f"best ({best['recipe']}), all domains mixed", **recipe,
              **{f"{domain} (seen, held-out text)": mixed[domain] / source_ppl[domain] for domain in DOMAINS}}
-    columns = ["recipe", "tokens", "output_ridge", "router_ridge", "block_layout", "refine_epochs",
+    columns = ["recipe", "tokens", "output_ridge", "router_ridge", "block_layout", "refine_epochs", "refine_batch_size",
                *[f"{d} (unseen)" for d in DOMAINS], "worst unseen"]
     formats = {column: ".3f" for column in columns if "(" in column or column == "worst unseen"}
     report(f"Sparse K = {args.top_k} calibration recipes, leave-one-domain-out (perplexity / source's)", columns, rows,

@@ -88,7 +88,8 @@ def refine_attention(attn, inputs: list[torch.Tensor], targets: list[torch.Tenso
 def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, seed: int = 0,
                      router_ridge: float = 1e-3, output_ridge: float = 3e-4,
                      first_token_weight: float = 2048.0, block_layout: str = "importance",
-                     refine_epochs: int = 0, refine_learning_rate: float = 1e-4) -> torch.Tensor:
+                     refine_epochs: int = 0, refine_learning_rate: float = 1e-4,
+                     refine_batch_size: int | None = None) -> torch.Tensor:
     """Fit routers and o_proj of `model` (sparse GQE built from `source`) on `fit_ids` [n, T], in place.
     Returns the source head each expert copies, per layer: [num_layers, G*M] (experts are laid out per layer).
 
@@ -104,6 +105,8 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
     block keeps its largest head (`layout.least_dropped_blocks`).
     refine_epochs, refine_learning_rate: passes of `refine_attention` over the calibration text after each layer's
     closed-form fit, and Adam's rate (0: off, the closed forms alone).
+    refine_batch_size: sequences per Adam step (default: batch_size). The closed forms do not depend on batching;
+    the refinement takes more, smaller steps in smaller batches.
     """
     torch.manual_seed(seed)
     for network in (source, model):
@@ -179,8 +182,11 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
 
         # 3. Optionally, all of the layer's weights together by gradient descent on the same error.
         if refine_epochs:
-            refined.append(refine_attention(attn, normed, targets, position_embeddings, row_weight, refine_epochs,
-                                            refine_learning_rate))
+            step_size = refine_batch_size or batch_size
+            step_inputs = [part for h in normed for part in h.split(step_size)]
+            step_targets = [part for wanted in targets for part in wanted.split(step_size)]
+            refined.append(refine_attention(attn, step_inputs, step_targets, position_embeddings, row_weight,
+                                            refine_epochs, refine_learning_rate))
 
         # 4. Next layer's input, through the converted layer as it now is.
         hidden = [

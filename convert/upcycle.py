@@ -66,6 +66,7 @@ class UpcycleOptions:
     refine_epochs: int = option(0, "sparse: after each layer's closed-form fit, passes of Adam over the calibration "
                                 "text on all of its attention weights together (0: off)")
     refine_learning_rate: float = option(1e-4, "sparse: Adam's rate for --refine-epochs")
+    refine_batch_size: int = option(8, "sparse: calibration sequences per Adam step of --refine-epochs")
     gguf_file: str | None = option(None, "GGUF file name inside SRC, read through transformers' GGUF loader")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of the saved weights")
     force: bool = option(False, "replace OUT if it exists")
@@ -89,6 +90,9 @@ def check_options(options: UpcycleOptions) -> None:
         raise UpcycleError(f"--refine-epochs must be a whole number, 0 (off) or more, got {options.refine_epochs!r}.")
     if not options.refine_learning_rate > 0:
         raise UpcycleError(f"--refine-learning-rate must be positive, got {options.refine_learning_rate!r}.")
+    size = options.refine_batch_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise UpcycleError(f"--refine-batch-size must be a whole number, 1 or more, got {options.refine_batch_size!r}.")
     if options.mode == "sparse" and options.top_k is None:
         raise UpcycleError("--mode sparse needs --top-k K, the query heads kept per KV group.")
     if options.mode == "sparse" and not options.data_sources:
@@ -164,7 +168,8 @@ def upcycle(src: str, out, options: UpcycleOptions | None = None, **overrides) -
             calibrate_sparse(source, model, data.fit, seed=options.seed, router_ridge=options.router_ridge,
                              output_ridge=options.output_ridge, first_token_weight=options.first_token_weight,
                              block_layout=options.block_layout, refine_epochs=options.refine_epochs,
-                             refine_learning_rate=options.refine_learning_rate)
+                             refine_learning_rate=options.refine_learning_rate,
+                             refine_batch_size=options.refine_batch_size)
             if data.held_out.numel():
                 ppl_source, ppl_converted = perplexity(source, data.held_out), perplexity(model, data.held_out)
                 report.update({"held-out perplexity (source)": ppl_source,

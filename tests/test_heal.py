@@ -126,6 +126,30 @@ def test_refinement_lowers_the_attention_error_and_the_held_out_perplexity(char_
     assert refined["held-out perplexity (source)"] == closed_form["held-out perplexity (source)"]
 
 
+
+def test_refinement_batches_are_its_own(char_source):
+    """refine_batch_size splits only the refinement's Adam steps: fitting in batches of 4 and refining in batches
+    of 2 gives the weights of doing everything in batches of 2 (the closed forms do not depend on batching), and
+    not those of refining in batches of 4."""
+    from convert.fit import calibrate_sparse
+    from convert.layout import build_sparse_initial
+
+    folder, text_file = char_source
+    source = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    fit_ids = load_token_blocks([text_file], tokenizer, 64, 512).fit  # 8 sequences
+
+    def converted(**batching):
+        model = build_sparse_initial(source, 1)
+        calibrate_sparse(source, model, fit_ids, refine_epochs=2, **batching)
+        return model.state_dict()
+
+    split, all_in_twos, in_fours = (converted(batch_size=4, refine_batch_size=2), converted(batch_size=2),
+                                    converted(batch_size=4))
+    for name, value in split.items():
+        torch.testing.assert_close(value, all_in_twos[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert max((value - in_fours[name]).abs().max().item() for name, value in split.items()) > 1e-4
+
 def test_heal_moves_the_sparse_model_towards_the_source(char_source, tmp_path):
     folder, text_file = char_source
     upcycle(str(folder), tmp_path / "k1", mode="sparse", top_k=1, calibration_file=str(text_file),

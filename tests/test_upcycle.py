@@ -165,6 +165,8 @@ def test_cli_errors_name_the_problem_and_the_fix(sources, tmp_path, capsys):
          "--refine-epochs must be a whole number, 0 (off) or more, got -1"),
         ([str(sources / "llama"), str(tmp_path / "o10"), "--mode", "exact", "--refine-learning-rate", "0"],
          "--refine-learning-rate must be positive, got 0.0"),
+        ([str(sources / "llama"), str(tmp_path / "o11"), "--mode", "exact", "--refine-batch-size", "0"],
+         "--refine-batch-size must be a whole number, 1 or more, got 0"),
         ([str(sources / "llama"), str(sources / "mistral"), "--mode", "exact"], "already exists"),
     ]
     for argv, message in cases:
@@ -389,3 +391,4 @@ def test_calibration_reports_the_source_head_of_every_expert():
         torch.testing.assert_close(expert_rows, head_rows[heads], rtol=0, atol=0)
         for g in range(G):
             assert set(heads[g * M : (g + 1) * M].tolist()) == set(range(g * r, (g + 1) * r))
+
