@@ -10,7 +10,8 @@ held-out text, five ways:
 
 The head-dropping rows show what choosing heads costs before anything compensates for the dropped ones (the
 converter's o_proj fit, shared head and weighted slot); the last two rows show how far the fitted linear routers
-are from their oracle. A head's contribution is the norm of its output after o_proj, as in the calibration (convert/fit.py).
+are from their oracle. A head's contribution is the norm of its output after o_proj, as in the calibration
+(`convert.fit.head_contributions`).
 
     python bench/bench_routing.py                        # K = 2, 65536 calibration tokens of all domains mixed
     python bench/bench_routing.py --refine-epochs 2 --json bench/results/routing_oracle.json
@@ -26,7 +27,7 @@ from common import report
 
 from convert.data import load_token_blocks
 from convert.evaluate import domain_sources, perplexity
-from convert.fit import calibrate_sparse
+from convert.fit import calibrate_sparse, head_contributions
 from convert.layout import build_sparse_initial
 from convert.resources import SMOLLM2_GGUF, smollm2_folder
 from convert.sources import load_source
@@ -52,7 +53,7 @@ class SourceHeads:
 
         def drop_heads(_, args):
             heads = args[0].view(*args[0].shape[:2], self.num_heads, self.head_dim)
-            contribution = torch.einsum("bthd,ohd->btho", heads, o_weight).norm(dim=-1)  # [b, t, H]
+            contribution = head_contributions(heads, o_weight)  # [b, t, H]
             self.contribution[index] = contribution
             if self.keep is not None:
                 return ((heads * self.keep(index, contribution).unsqueeze(-1)).view_as(args[0]),)

@@ -39,6 +39,11 @@ def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, relative_ridge: float) 
     return torch.linalg.solve(gram + ridge * eye, cross)
 
 
+def head_contributions(head_outputs: torch.Tensor, o_weight: torch.Tensor) -> torch.Tensor:
+    """Norm of each head's output after o_proj: [b, T, H, d] outputs, [D, H, d] o_proj -> [b, T, H]."""
+    return torch.einsum("bthd,ohd->btho", head_outputs, o_weight).norm(dim=-1)
+
+
 def capture_input(module):
     """Record the input of `module` (e.g. an o_proj) on each forward. Returns (store, hook handle)."""
     store = {}
@@ -142,7 +147,7 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
         for h in normed:
             targets.append(source_attn(h, position_embeddings=position_embeddings, attention_mask=None)[0])
             head_outputs = store["input"].view(*h.shape[:2], H, d)  # [b, T, H, d]
-            contribution = torch.einsum("bthd,ohd->btho", head_outputs, o_weight).norm(dim=-1)  # [b, T, H]
+            contribution = head_contributions(head_outputs, o_weight)  # [b, T, H]
             log_norms.append(contribution.clamp(min=1e-6).log().reshape(-1, H))
         handle.remove()
         log_norm = torch.cat(log_norms)  # [tokens, H]
