@@ -11,6 +11,11 @@ Conversions run in memory (convert.layout + convert.fit), nothing is written to 
 
     python bench/bench_calibration.py                     # the grid below, K = 2 (about 100 minutes on 2 CPU cores)
     python bench/bench_calibration.py --recipes 0 3 --top-k 1
+    python bench/bench_calibration.py --recipes 2 --extra-calibration code.txt docs.txt   # a more varied mix
+
+`--extra-calibration` adds data sources (convert/data.py's PATH[,weight=W][,column=NAME] form) to every
+calibration mix, weight 1 each unless given, and never evaluates on them: it asks whether calibrating on more
+kinds of text helps the domains left out.
 """
 
 import argparse
@@ -20,7 +25,7 @@ import time
 import common  # noqa: F401  (puts the repository on sys.path when run from a checkout)
 from common import report
 
-from convert.data import load_token_blocks
+from convert.data import TextSource, load_token_blocks
 from convert.evaluate import domain_sources, perplexity
 from convert.fit import calibrate_sparse
 from convert.layout import build_sparse_initial
@@ -67,8 +72,11 @@ def main():
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--recipes", type=int, nargs="*", help="indices into the grid (default: all)")
     parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--extra-calibration", nargs="*", default=[], metavar="SOURCE",
+                        help="data sources added to every calibration mix, never evaluated")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    extra = [TextSource.parse(spec) for spec in args.extra_calibration]
 
     source, tokenizer = load_source(str(smollm2_folder()), SMOLLM2_GGUF)
     sources = domain_sources()
@@ -83,7 +91,7 @@ def main():
         row = {"recipe": index, **recipe}
         start = time.time()
         for held_out in DOMAINS:
-            others = [sources[domain] for domain in DOMAINS if domain != held_out]
+            others = [sources[domain] for domain in DOMAINS if domain != held_out] + extra
             ppl = convert_and_measure(source, tokenizer, args.top_k, recipe, others, {held_out: eval_blocks[held_out]})
             row[f"{held_out} (unseen)"] = ppl[held_out] / source_ppl[held_out]
         row["worst unseen"] = max(row[f"{domain} (unseen)"] for domain in DOMAINS)
@@ -92,7 +100,8 @@ def main():
         print(row, flush=True)
     best = min(rows, key=lambda row: row["worst unseen"])
     recipe = GRID[best["recipe"]]
-    mixed = convert_and_measure(source, tokenizer, args.top_k, recipe, [sources[d] for d in DOMAINS], eval_blocks)
+    mixed = convert_and_measure(source, tokenizer, args.top_k, recipe, [sources[d] for d in DOMAINS] + extra,
+                                eval_blocks)
     final = {"recipe": f"best ({best['recipe']}), all domains mixed", **recipe,
              **{f"{domain} (seen, held-out text)": mixed[domain] / source_ppl[domain] for domain in DOMAINS}}
     columns = ["recipe", "tokens", "output_ridge", "router_ridge", "block_layout", "refine_epochs", "refine_batch_size",
@@ -101,6 +110,7 @@ def main():
     report(f"Sparse K = {args.top_k} calibration recipes, leave-one-domain-out (perplexity / source's)", columns, rows,
            formats, json_path=args.json,
            notes=[f"Source perplexity on the held-out parts: {source_ppl}.",
+                  f"Added to every calibration mix: {[str(spec) for spec in args.extra_calibration] or 'nothing'}.",
                   "Recommended recipe calibrated on all domains mixed: " + json.dumps(final)])
 
 
