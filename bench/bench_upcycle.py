@@ -79,6 +79,8 @@ def main():
     parser.add_argument("--refine-epochs", type=int, default=0,
                         help="gqe-upcycle --refine-epochs: gradient refinement of each converted attention layer")
     parser.add_argument("--refine-learning-rate", type=float, default=1e-4)
+    parser.add_argument("--refine-batch-size", type=int, default=8,
+                        help="gqe-upcycle --refine-batch-size: calibration sequences per Adam step of the refinement")
     parser.add_argument("--source", action=argparse.BooleanOptionalAction, default=True,
                         help="--no-source: skip the source row (already measured by an earlier run; rows then "
                         "carry no ratio to it)")
@@ -114,7 +116,7 @@ def main():
             started, converted = time.time(), Path(work) / f"k{top_k}"
             upcycle(src, converted, mode="sparse", top_k=top_k, gguf_file=GGUF, calibration_data=data,
                     calibration_tokens=args.calibration_tokens, refine_epochs=args.refine_epochs,
-                    refine_learning_rate=args.refine_learning_rate)
+                    refine_learning_rate=args.refine_learning_rate, refine_batch_size=args.refine_batch_size)
             add(f"K = {top_k}, converted", load_checkpoint(str(converted))[0], started)
             for tokens in args.heal_tokens:
                 started, healed = time.time(), Path(work) / f"k{top_k}-healed-{tokens}"
