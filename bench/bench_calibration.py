@@ -41,6 +41,8 @@ DOMAINS = ["shakespeare", "wikitext", "science"]
 # half of an unseen-domain mix is as far as the data here goes). Recipe 7 adds the gradient refinement of each
 # layer's attention after its closed-form fit (`gqe-upcycle --refine-epochs`); recipes without it have none.
 # Recipe 8 refines in batches of 2 sequences instead of 8 (`--refine-batch-size 2`: 4x the Adam steps).
+# Recipe 9 is recipe 8 at twice the tokens: with two --extra-calibration sources, each leave-one-out mix keeps
+# recipe 8's 2 x 32k domain tokens and adds 32k of each extra source on top.
 GRID = [
     dict(tokens=16384, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance"),
     dict(tokens=32768, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance"),
@@ -52,6 +54,8 @@ GRID = [
     dict(tokens=65536, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance", refine_epochs=2,
          refine_learning_rate=1e-4),
     dict(tokens=65536, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance", refine_epochs=2,
+         refine_learning_rate=1e-4, refine_batch_size=2),
+    dict(tokens=131072, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance", refine_epochs=2,
          refine_learning_rate=1e-4, refine_batch_size=2),
 ]
 
