@@ -20,7 +20,7 @@ import time
 import common  # noqa: F401  (puts the repository on sys.path when run from a checkout)
 from common import report
 
-from convert.evaluate import TASKS, paired_difference, zero_shot
+from convert.evaluate import TASKS, paired_difference, standard_error, zero_shot
 from convert.resources import SMOLLM2_GGUF, smollm2_folder
 from convert.sources import load_checkpoint
 
@@ -28,12 +28,6 @@ from convert.sources import load_checkpoint
 def scores_per_example(checkpoint: str, gguf_file: str | None, tasks: list[str], limit: int | None) -> dict[str, dict]:
     model, tokenizer = load_checkpoint(checkpoint, gguf_file)
     return zero_shot(model, tokenizer, tasks, limit, per_example=True)
-
-
-def standard_error(values: list[float]) -> float:
-    """Of the mean of `values` (lm-eval reports none when, as in gqe-eval, its bootstrap is off)."""
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1) / len(values))
 
 
 def gap_rows(name: str, baseline: dict[str, dict], candidate: dict[str, dict], tasks: list[str]) -> list[dict]:
@@ -46,6 +40,7 @@ def gap_rows(name: str, baseline: dict[str, dict], candidate: dict[str, dict], t
         errors.append(100 * error)
         rows.append({"candidate": name, "task": task, "examples": len(baseline[task]["acc_norm_per_example"]),
                      "baseline": 100 * baseline[task]["acc_norm"], "candidate score": 100 * candidate[task]["acc_norm"],
+                     # lm-eval's own acc_norm_stderr is "N/A" with its bootstrap off (as gqe-eval runs it).
                      "score stderr": 100 * standard_error(candidate[task]["acc_norm_per_example"]), "gap": gaps[-1],
                      "gap stderr (paired)": errors[-1]})
     # The average's gap is the mean of the tasks' gaps; the tasks' examples are independent, so their errors add

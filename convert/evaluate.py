@@ -101,7 +101,8 @@ def local_task_configs(names: list[str], folder: Path) -> list[str]:
 
 def zero_shot(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int = 8,
               per_example: bool = False) -> dict[str, dict]:
-    """acc and acc_norm (with their standard errors) of each task, through lm-eval's `simple_evaluate`.
+    """acc and acc_norm of each task, through lm-eval's `simple_evaluate` (its bootstrap is off, so the
+    "_stderr" entries it returns are "N/A"; with per_example, `standard_error` gives them).
     per_example: also return each example's acc_norm (1.0 or 0.0, in the task's order of examples) under
     "acc_norm_per_example", so that two checkpoints can be compared example by example (`paired_difference`)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -126,6 +127,12 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None, batch_size:
     return results
 
 
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean of `values` (sample standard deviation / sqrt(n))."""
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1) / len(values))
+
+
 def paired_difference(baseline: list[float], candidate: list[float]) -> tuple[float, float]:
     """Mean of candidate - baseline over the same examples, and its standard error. Two checkpoints scored on the
     same examples mostly agree, so this error is far smaller than either score's own: it is the one to judge a
@@ -133,8 +140,8 @@ def paired_difference(baseline: list[float], candidate: list[float]) -> tuple[fl
     if len(baseline) != len(candidate) or len(baseline) < 2:
         raise UpcycleError(f"a paired difference needs the same examples, at least 2: got {len(baseline)} and "
                            f"{len(candidate)}.")
-    differences = torch.tensor(candidate, dtype=torch.float64) - torch.tensor(baseline, dtype=torch.float64)
-    return differences.mean().item(), (differences.std() / math.sqrt(len(differences))).item()
+    differences = [b - a for a, b in zip(baseline, candidate)]
+    return sum(differences) / len(differences), standard_error(differences)
 
 
 # ------------------------------------------------------------------------------------------------ perplexity
@@ -183,7 +190,8 @@ class EvalOptions:
 
 def evaluate(checkpoint: str, options: EvalOptions | None = None, **overrides) -> dict:
     """Zero-shot tasks and domain perplexities of CHECKPOINT (a source or a GQE folder). Returns
-    {"tasks": {task: {"acc": .., "acc_stderr": .., "acc_norm": .., "acc_norm_stderr": ..}}, "perplexity": {...}}."""
+    {"tasks": {task: {"acc": .., "acc_stderr": "N/A", "acc_norm": .., "acc_norm_stderr": "N/A"}}, "perplexity": {...}}
+    (the stderr entries are lm-eval's, "N/A" with its bootstrap off)."""
     import json
 
     from .sources import load_checkpoint
