@@ -84,9 +84,10 @@ def read_source_config(src: str, gguf_file: str | None = None):
     return config
 
 
-def read_source_tokenizer(src: str, gguf_file: str | None = None):
+def read_source_tokenizer(src: str, gguf_file: str | None = None, trust_remote_code: bool = False):
     """The source's tokenizer, or None when the checkpoint carries none (tiny test checkpoints). A tokenizer that
-    is there but cannot be read is an error naming its files."""
+    is there but cannot be read is an error naming its files. trust_remote_code: for a GQE folder, whose config
+    names its own code; without it AutoTokenizer asks on the terminal whether to run that code."""
     from transformers import AutoTokenizer
 
     folder = Path(src) if Path(src).is_dir() else None
@@ -95,7 +96,7 @@ def read_source_tokenizer(src: str, gguf_file: str | None = None):
         return None
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        return AutoTokenizer.from_pretrained(src, **kwargs)
+        return AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError, TypeError, KeyError) as error:
         files = ", ".join(str(folder / name) for name in present) if present else f"{src} {gguf_file or ''}".strip()
         raise UpcycleError(
@@ -183,7 +184,7 @@ def load_checkpoint(path: str, gguf_file: str | None = None):
         model = read_gqe_checkpoint(path)
     else:
         model = as_plain_model(read_source_weights(path, gguf_file))
-    return model, read_source_tokenizer(path, gguf_file)
+    return model, read_source_tokenizer(path, gguf_file, trust_remote_code=model_type == "gqe")
 
 
 def load_source(src: str, gguf_file: str | None = None):

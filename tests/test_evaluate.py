@@ -2,6 +2,7 @@
 per-window loop, and the exact SmolLM2 conversion scoring what its source scores."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,6 +86,33 @@ def test_per_example_scores_and_their_paired_gap_match_a_by_hand_computation(smo
     assert gap == pytest.approx(mean) and error == pytest.approx(math.sqrt(variance / count))
     with pytest.raises(UpcycleError, match="the same examples"):
         paired_difference([1.0, 0.0, 1.0], [1.0, 0.0])
+
+
+def test_a_gqe_folder_loads_with_its_tokenizer_without_asking_on_the_terminal(smollm2_source, smollm2_conversions):
+    """gqe-eval and the gap bench load GQE folders with `load_checkpoint`, in a process that has not imported
+    modeling_gqe (so "gqe" is not registered and the folder's config names its own code). A tokenizer read without
+    trust_remote_code made transformers ask "[y/N]" on the terminal and wait 15 s. Run as gqe-eval runs it: in a
+    fresh process, with `input` recording every question."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import builtins, json, sys\n"
+        "prompts = []\n"
+        "builtins.input = lambda prompt='': prompts.append(prompt) or 'n'\n"
+        "from convert.sources import load_checkpoint\n"
+        "_, tokenizer = load_checkpoint(sys.argv[1])\n"
+        "print(json.dumps({'prompts': prompts, 'ids': tokenizer(sys.argv[2]).input_ids}))\n"
+    )
+    text = "Question: How do I keep bread fresh?\nAnswer: Wrap it in a cloth."
+    folder = str(smollm2_conversions["sparse"][0])
+    done = subprocess.run([sys.executable, "-c", script, folder, text], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loaded["prompts"] == []
+    assert loaded["ids"] == smollm2_source[1](text).input_ids
 
 
 def test_gqe_eval_input_errors_are_one_line(tmp_path, capsys):
