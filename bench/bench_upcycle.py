@@ -15,9 +15,12 @@ lm-evaluation-harness.
     python bench/bench_upcycle.py --calibration-tokens 65536         # every row: about an hour on 2 idle CPU cores
     python bench/bench_upcycle.py --top-k 2 --no-exact --limit 100   # K = 2 and the control only
     python bench/bench_upcycle.py --data ../shared/data/tinyshakespeare.txt --domains shakespeare --tasks
+    python bench/bench_upcycle.py --top-k 2 --no-exact --keep runs/   # keeps every checkpoint, e.g. for
+                                                                      # bench_zero_shot_gap.py on more examples
 """
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -94,7 +97,11 @@ def main():
     parser.add_argument("--tasks", nargs="*", default=["piqa", "arc_easy", "hellaswag"], help="none: no zero-shot")
     parser.add_argument("--limit", type=int, default=200, help="examples per task (the first ones); 0 for all")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--keep", help="a new folder to keep every checkpoint in (k2, k2-healed-100000, "
+                        "dense-control-100000, ...); by default they are written to a temporary folder and deleted")
     args = parser.parse_args()
+    if args.keep and Path(args.keep).exists():
+        parser.error(f"--keep {args.keep} exists; name a new folder, or delete that one first")
 
     src = str(smollm2_folder())
     data = args.data or [f"{spec},weight=1" for spec in domain_sources().values()]
@@ -111,7 +118,9 @@ def main():
     source_row = add("SmolLM2-135M (source)", source, time.time()) if args.source else None
     if args.exact:
         add("exact (3 copies of each head)", build_exact(source, copies=3, noise=0.0, seed=0), time.time())
-    with tempfile.TemporaryDirectory() as work:
+    if args.keep:
+        Path(args.keep).mkdir(parents=True)
+    with contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory() as work:
         for top_k in args.top_k:
             started, converted = time.time(), Path(work) / f"k{top_k}"
             upcycle(src, converted, mode="sparse", top_k=top_k, gguf_file=GGUF, calibration_data=data,
@@ -135,6 +144,9 @@ def main():
             with tempfile.TemporaryDirectory() as work:
                 distill(student, source, train_ids, work, learning_rate=args.heal_learning_rate,
                         trainable=args.heal_trainable, epochs=args.heal_epochs, alpha=args.heal_alpha)
+            if args.keep:
+                for saved in (student, tokenizer):
+                    saved.save_pretrained(Path(args.keep) / f"dense-control-{tokens}")
             controls[tokens] = add(f"dense control, tuned on {tokens} tokens{passes}", student, started, healed_tokens=tokens)
 
     # Converted rows against the source; healed rows against the dense control of the same budget.
