@@ -109,11 +109,14 @@ def distill(student, teacher, train_ids: torch.Tensor, output_dir, batch_size: i
     check_alpha(alpha)
     set_trainable(student, trainable)
     steps = math.ceil(train_ids.shape[0] / batch_size) * epochs
+    # 5% of the steps warm up. A linear warm-up's first step has rate 0, so a one-step warm-up only wastes a step:
+    # heals of under 20 steps get none (with one, a one-step heal would leave the model exactly as it was).
+    warmup_steps = steps // 20
     mixed_precision = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()
                        and next(student.parameters()).dtype == torch.float32)
     args = TrainingArguments(
         output_dir=str(output_dir), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20), weight_decay=0.0,
+        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=warmup_steps, weight_decay=0.0,
         logging_steps=max(1, steps // 20), save_strategy="no", report_to=[],
         seed=seed, use_cpu=not torch.cuda.is_available(), bf16=mixed_precision, dataloader_num_workers=0,
     )

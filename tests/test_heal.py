@@ -227,6 +227,28 @@ def test_distill_epochs_pass_over_the_text_again_under_one_schedule(char_source,
         distill(LlamaForCausalLM.from_pretrained(folder), teacher, train_ids, tmp_path / "trainer0", epochs=0)
 
 
+def test_distill_trains_from_its_first_step(char_source, tmp_path):
+    """A heal too short for a warm-up still trains: its one step runs at the peak rate, not the warm-up's 0."""
+    folder, text_file = char_source
+    teacher = LlamaForCausalLM.from_pretrained(folder).eval()
+    student = LlamaForCausalLM.from_pretrained(folder)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    train_ids = load_token_blocks([text_file], tokenizer, 64, 1024).fit[:16]
+    before = {name: weight.clone() for name, weight in student.state_dict().items()}
+    rates = []
+
+    class LearningRates(TrainerCallback):
+        def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+            rates.append(lr_scheduler.get_last_lr()[0])
+
+    distill(student, teacher, train_ids, tmp_path / "trainer", batch_size=16, learning_rate=1e-3, alpha=0.5,
+            callbacks=[LearningRates()])
+    assert len(rates) == 1
+    moved = max((student.state_dict()[name] - weight).abs().max().item() for name, weight in before.items())
+    # Adam's first step moves every weight with a gradient by about the rate itself.
+    assert 0.5e-3 < moved < 1.5e-3, moved
+
+
 def test_heal_of_the_attention_only_leaves_every_other_weight_as_converted(char_source, tmp_path):
     folder, text_file = char_source
     upcycle(str(folder), tmp_path / "k1", mode="sparse", top_k=1, calibration_file=str(text_file),
