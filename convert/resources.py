@@ -33,12 +33,15 @@ def smollm2_folder() -> Path:
 
 
 def data_folder(explicit: str | os.PathLike | None = None) -> Path:
-    """The folder holding tinyshakespeare.txt and wikitext2_test.raw (see the module docstring for the order)."""
-    candidates = [Path(explicit)] if explicit else []
+    """The folder holding tinyshakespeare.txt and wikitext2_test.raw (see the module docstring for the order). A
+    folder named by the argument or the environment variable is the only one looked at: a wrong one is an error,
+    not a reason to read data from somewhere else."""
+    if explicit:
+        return checked_data_folder(Path(explicit), "give the folder that holds it")
     if os.environ.get(DATA_DIR_VARIABLE):
-        candidates.append(Path(os.environ[DATA_DIR_VARIABLE]))
-    if not candidates:
-        candidates = [folder / "shared" / "data" for folder in (Path.cwd(), *Path.cwd().parents)]
+        return checked_data_folder(Path(os.environ[DATA_DIR_VARIABLE]), f"point {DATA_DIR_VARIABLE} at the folder that "
+                                   "holds it")
+    candidates = [folder / "shared" / "data" for folder in (Path.cwd(), *Path.cwd().parents)]
     for folder in candidates:
         if (folder / SHAKESPEARE).is_file():
             return folder.resolve()
@@ -47,6 +50,12 @@ def data_folder(explicit: str | os.PathLike | None = None) -> Path:
         f"no data folder with {SHAKESPEARE} found (looked in {tried}): run from the repository root with "
         f"../shared/data beside it, or set {DATA_DIR_VARIABLE}=/path/to/data."
     )
+
+
+def checked_data_folder(folder: Path, fix: str) -> Path:
+    if not (folder / SHAKESPEARE).is_file():
+        raise UpcycleError(f"{folder} has no {SHAKESPEARE}: {fix}.")
+    return folder.resolve()
 
 
 def data_file(name: str, folder: str | os.PathLike | None = None) -> Path:
