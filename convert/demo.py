@@ -32,8 +32,8 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 
 
 def run(args) -> None:
-    src = str(smollm2_folder())
     shakespeare = None if args.skip_sparse else data_file(SHAKESPEARE, args.data_dir)  # checked before any work
+    src = str(smollm2_folder())
     source, tokenizer = load_source(src, SMOLLM2_GGUF)
     print(f"\nsource SmolLM2-135M: {generate(source, tokenizer, args.prompt, args.max_new_tokens)!r}\n")
 
