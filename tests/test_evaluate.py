@@ -64,6 +64,24 @@ def test_gqe_eval_scores_what_a_by_hand_computation_scores(smollm2_source, smoll
     assert table.splitlines()[0] == "| checkpoint | ppl wikitext | piqa acc_norm | zero-shot average |"
 
 
+def test_gqe_eval_measures_perplexity_alone_when_given_no_tasks(smollm2_source, smollm2_conversions, tmp_path,
+                                                                 capsys):
+    import json
+
+    from convert.data import load_token_blocks
+    from convert.evaluate import domain_sources, main, perplexity
+
+    source, tokenizer = smollm2_source
+    folder = smollm2_conversions["exact"][0]
+    assert main([str(folder), "--tasks", "--domains", "wikitext", "--eval-tokens", "256", "--seq-len", "128",
+                 "--json", str(tmp_path / "results.json")]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    blocks = load_token_blocks([domain_sources()["wikitext"]], tokenizer, 128, tokens=128, held_out_tokens=256).held_out
+    assert results["tasks"] == {} and results["perplexity"] == {"wikitext": pytest.approx(perplexity(source, blocks),
+                                                                                          rel=1e-4)}
+    assert "| checkpoint | ppl wikitext |\n" in capsys.readouterr().out
+
+
 def test_per_example_scores_and_their_paired_gap_match_a_by_hand_computation(smollm2_source, smollm2_conversions):
     from convert.evaluate import paired_difference, zero_shot
     from convert.sources import load_checkpoint
@@ -123,5 +141,12 @@ def test_gqe_eval_input_errors_are_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "missing")]) == 2
     error = capsys.readouterr().err
     assert error.startswith("gqe-eval: error: ") and error.count("\n") == 1 and str(tmp_path / "missing") in error
+    # Names are checked before the checkpoint is read: these errors are about the name, not the missing folder.
+    for arguments, message in [(["--tasks", "piqa", "mmlu"], "unknown task 'mmlu': choose from piqa"),
+                               (["--domains", "wikitext", "klingon"], "unknown domain 'klingon': choose from shakespeare"),
+                               (["--tasks", "--domains"], "nothing to evaluate: give --tasks, --domains or both")]:
+        assert main([str(tmp_path / "missing"), *arguments]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"gqe-eval: error: {message}") and error.count("\n") == 1, error
     with pytest.raises(UpcycleError, match="unknown task 'mmlu': choose from piqa"):
         local_task_configs(["mmlu"], tmp_path)
