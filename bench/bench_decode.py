@@ -23,6 +23,10 @@ implementation of these two models can reach there.
 
     python bench/bench_decode.py                    # everything (about 25 minutes on 2 CPU cores)
     python bench/bench_decode.py --parts decode     # one part: decode, smollm2, static, memory, training, projection
+    python bench/bench_decode.py --device cuda --dtype bfloat16 --parts decode static memory training projection
+
+On a GPU, peak memory is the allocator's peak (torch.cuda.max_memory_allocated) rather than the process's
+resident memory, and the SmolLM2 part is not available (its bundled GGUF is a CPU-side package).
 """
 
 import argparse
@@ -39,6 +43,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 import torch.nn.functional as F
 
 from modeling_gqe import GQEConfig, GQEForCausalLM
+from modeling_gqe.modeling_gqe import CACHE_ARG  # `cache` from transformers 5.24, `past_key_values` before
 
 
 PAPER_SHAPE = dict(
@@ -48,7 +53,7 @@ PAPER_SHAPE = dict(
 CPU = torch.device("cpu")
 
 
-def paper_models(backend: str = "sdpa"):
+def paper_models(backend: str = "sdpa", device: torch.device = CPU, dtype: torch.dtype = torch.float32):
     torch.manual_seed(0)
     gqe = GQEForCausalLM(GQEConfig(**PAPER_SHAPE, num_experts_per_tok=1, gqe_variant="gqe"))
     with torch.no_grad():  # a trained router is not uniform: random routing decisions per token
@@ -57,7 +62,7 @@ def paper_models(backend: str = "sdpa"):
     llama = LlamaForCausalLM(LlamaConfig(**PAPER_SHAPE))
     for model in (gqe, llama):
         model.set_attn_implementation(backend)
-    return gqe.eval(), llama.eval()
+    return gqe.to(device, dtype).eval(), llama.to(device, dtype).eval()
 
 
 def smollm2_models(calibration_tokens: int = 4096):
@@ -90,23 +95,24 @@ def decode_bytes(model, cache_len: int, dynamic_cache: bool = True) -> float:
     if config.tie_word_embeddings:
         weights += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     kv_heads = config.num_key_value_heads + (1 if getattr(config, "gqe_variant", None) == "gqe" else 0)
-    cache = config.num_hidden_layers * 2 * kv_heads * cache_len * config.head_dim * 4
+    cache_element_size = next(model.parameters()).element_size()  # the cache holds the model's dtype
+    cache = config.num_hidden_layers * 2 * kv_heads * cache_len * config.head_dim * cache_element_size
     return weights + cache * (3 if dynamic_cache else 1)
 
 
 def decode_runner(model, cache_len: int, steps: int):
     """A function decoding `steps` greedy tokens after a fixed prefill of `cache_len` tokens, then restoring it."""
     generator = torch.Generator().manual_seed(cache_len)
-    prompt = torch.randint(0, model.config.vocab_size, (1, cache_len), generator=generator)
+    prompt = torch.randint(0, model.config.vocab_size, (1, cache_len), generator=generator).to(model.device)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        first = model(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        first = model(prompt, **{CACHE_ARG: cache}).logits[:, -1:].argmax(-1)
 
     def run():
         token = first
         with torch.no_grad():
             for _ in range(steps):
-                token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+                token = model(token, **{CACHE_ARG: cache}).logits[:, -1:].argmax(-1)
         cache.crop(-steps)
 
     return run
@@ -115,8 +121,8 @@ def decode_runner(model, cache_len: int, steps: int):
 def decode_rows(gqe, dense, lengths, steps, repeats, dense_name):
     rows = []
     for length in lengths:
-        gqe_s, dense_s, ratio = compare(decode_runner(gqe, length, steps), decode_runner(dense, length, steps), CPU,
-                                        repeats, warmup=1)
+        gqe_s, dense_s, ratio = compare(decode_runner(gqe, length, steps), decode_runner(dense, length, steps),
+                                        gqe.device, repeats, warmup=1)
         rows.append({"cache length": length, "GQE tokens/s": steps / gqe_s, f"{dense_name} tokens/s": steps / dense_s,
                      "speed-up": ratio, "memory-traffic ceiling": decode_bytes(dense, length) / decode_bytes(gqe, length)})
         print(rows[-1], flush=True)
@@ -125,14 +131,16 @@ def decode_rows(gqe, dense, lengths, steps, repeats, dense_name):
 
 def static_generate_rows(gqe, dense, lengths, new_tokens, repeats, dense_name):
     """generate(cache_implementation="static") with each model's forward compiled (fullgraph), after a warm-up
-    that compiles both shapes (prefill and one-token decode)."""
+    that compiles both shapes (prefill and one-token decode). On a GPU, `generate` compiles the decoding forward
+    itself (CUDA graphs, its default `CompileConfig`) when the cache is static, so the models are left as they are."""
     rows = []
-    models = {}
-    for name, model in (("gqe", gqe), ("dense", dense)):
-        model.forward = torch.compile(model.forward, fullgraph=True)
-        models[name] = model
+    models = {"gqe": gqe, "dense": dense}
+    if gqe.device.type == "cpu":  # generate compiles only on accelerators
+        for model in models.values():
+            model.forward = torch.compile(model.forward, fullgraph=True)
     for length in lengths:
         prompt = torch.randint(0, gqe.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
+        prompt = prompt.to(gqe.device)
 
         def runner(model):
             def run():
@@ -141,38 +149,53 @@ def static_generate_rows(gqe, dense, lengths, new_tokens, repeats, dense_name):
                                    cache_implementation="static", pad_token_id=0)
             return run
 
-        gqe_s, dense_s, ratio = compare(runner(models["gqe"]), runner(models["dense"]), CPU, repeats, warmup=2)
+        gqe_s, dense_s, ratio = compare(runner(models["gqe"]), runner(models["dense"]), gqe.device, repeats, warmup=2)
         rows.append({"prompt": length, "new tokens": new_tokens, "GQE tokens/s": new_tokens / gqe_s,
                      f"{dense_name} tokens/s": new_tokens / dense_s, "speed-up (whole generate)": ratio})
         print(rows[-1], flush=True)
     for model in models.values():  # back to eager: drop the instance attribute, the class's forward shows again
-        del model.forward
+        model.__dict__.pop("forward", None)
     return rows
 
 
-def prefill_peak_memory(which: str, length: int) -> float:
+def prefill_peak_memory(which: str, length: int, dtype: str = "float32") -> float:
     """MiB: peak resident memory during one prefill forward of `length` tokens, above the resident memory before
     it, measured in a fresh process so that nothing else's peak counts."""
     code = (
         "import resource, sys, torch; sys.path.insert(0, 'bench'); import bench_decode as b; "
-        "gqe, llama = b.paper_models(); model = gqe if sys.argv[1] == 'gqe' else llama; "
+        "gqe, llama = b.paper_models(dtype=getattr(torch, sys.argv[3])); model = gqe if sys.argv[1] == 'gqe' else llama; "
         "ids = torch.randint(0, 32000, (1, int(sys.argv[2]))); "
         "before = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() / 2**20; "
         "torch.no_grad().__enter__(); model(ids, use_cache=True, logits_to_keep=1); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)"
     )
-    done = subprocess.run([sys.executable, "-c", code, which, str(length)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", code, which, str(length), dtype], capture_output=True, text=True,
                           cwd=common.REPO_ROOT, env={**os.environ, "PYTHONPATH": str(common.REPO_ROOT)})
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def training_rows(lengths, repeats, batch_size=2):
+def prefill_peak_memory_gpu(model, length: int) -> float:
+    """MiB: the CUDA allocator's peak during one prefill forward of `length` tokens, above what was allocated
+    before it (the weights)."""
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device=model.device)
+    torch.cuda.synchronize(model.device)
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated(model.device)
+    torch.cuda.reset_peak_memory_stats(model.device)
+    with torch.no_grad():
+        model(ids, use_cache=True, logits_to_keep=1)
+    torch.cuda.synchronize(model.device)
+    return (torch.cuda.max_memory_allocated(model.device) - before) / 2**20
+
+
+def training_rows(lengths, repeats, batch_size=2, device=CPU, dtype=torch.float32):
     rows = []
-    gqe, llama = paper_models()
+    gqe, llama = paper_models(device=device, dtype=dtype)
     for length in lengths:
         batch = torch.randint(0, PAPER_SHAPE["vocab_size"], (batch_size, length), generator=torch.Generator().manual_seed(1))
+        batch = batch.to(device)
         steps = {}
         for name, model in (("gqe", gqe), ("llama", llama)):
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -184,7 +207,7 @@ def training_rows(lengths, repeats, batch_size=2):
                 optimizer.zero_grad(set_to_none=True)
 
             steps[name] = step
-        gqe_s, llama_s, ratio = compare(steps["gqe"], steps["llama"], CPU, repeats, warmup=1)
+        gqe_s, llama_s, ratio = compare(steps["gqe"], steps["llama"], device, repeats, warmup=1)
         rows.append({"tokens": length, "batch": batch_size, "GQE step s": gqe_s, "Llama step s": llama_s, "speed-up": ratio})
         print(rows[-1], flush=True)
     return rows
@@ -201,8 +224,9 @@ def dense_then_gather(attn, hidden, top_index):
 
 
 def global_expert_index(attn, top_index):
-    return (top_index + torch.arange(0, attn.num_groups * attn.experts_per_group, attn.experts_per_group)[:, None]
-            ).flatten(1)  # [T, G*k]
+    group_start = torch.arange(0, attn.num_groups * attn.experts_per_group, attn.experts_per_group,
+                               device=top_index.device)
+    return (top_index + group_start[:, None]).flatten(1)  # [T, G*k]
 
 
 def gather_weight_rows(attn, hidden, top_index):
@@ -219,7 +243,7 @@ def sorted_loop_of_gemms(attn, hidden, top_index):
     order = expert.reshape(-1).argsort(stable=True)
     gathered = hidden.index_select(0, order // slots)  # [T*G*k, D]
     weight = attn.q_proj.weight.view(-1, d, hidden.shape[-1])
-    out, start = torch.empty(gathered.shape[0], d), 0
+    out, start = gathered.new_empty(gathered.shape[0], d), 0
     for e, count in enumerate(torch.bincount(expert.reshape(-1), minlength=weight.shape[0]).tolist()):
         torch.mm(gathered[start : start + count], weight[e].T, out=out[start : start + count])
         start += count
@@ -240,24 +264,31 @@ def sorted_grouped_gemm(attn, hidden, top_index):
     return torch.empty_like(out).index_copy_(0, order, out).view(-1, slots, d)
 
 
-def projection_rows(token_counts, repeats):
-    gqe, llama = paper_models()
+def projection_rows(token_counts, repeats, device=CPU, dtype=torch.float32):
+    gqe, llama = paper_models(device=device, dtype=dtype)
     attn, llama_q_proj = gqe.model.layers[0].self_attn, llama.model.layers[0].self_attn.q_proj
     strategies = {"dense + gather (the model)": dense_then_gather, "gather weight rows": gather_weight_rows,
                   "sorted, loop of GEMMs": sorted_loop_of_gemms, "sorted, grouped GEMM": sorted_grouped_gemm}
     rows = []
+    # the strategies sum the same products in different orders: fp32 agrees to 1e-4, half precision to its rounding
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     with torch.no_grad():
         for tokens in token_counts:
-            hidden = torch.randn(tokens, PAPER_SHAPE["hidden_size"])
+            hidden = torch.randn(tokens, PAPER_SHAPE["hidden_size"], device=device, dtype=dtype)
             _, _, top_index = attn.router(hidden)  # [T, G, k]
             reference = dense_then_gather(attn, hidden, top_index)
             row = {"tokens": tokens}
             for name, strategy in strategies.items():
                 if "weight rows" in name and tokens > 64:
                     continue  # copies T x 512 x 1024 weights: only for a few tokens
-                torch.testing.assert_close(strategy(attn, hidden, top_index), reference, rtol=1e-4, atol=1e-4)
+                try:
+                    result = strategy(attn, hidden, top_index)
+                except (RuntimeError, NotImplementedError) as error:  # e.g. grouped_mm without a kernel for this dtype
+                    print(f"{name}: not available here ({str(error).splitlines()[0]})", flush=True)
+                    continue
+                torch.testing.assert_close(result, reference, **tolerance)
                 gqe_s, llama_s, ratio = compare(lambda: strategy(attn, hidden, top_index),
-                                                lambda: llama_q_proj(hidden), CPU, repeats)
+                                                lambda: llama_q_proj(hidden), device, repeats)
                 row[f"{name} µs"] = gqe_s * 1e6
                 row[f"{name}: Llama / it"] = ratio
             row["Llama q_proj µs"] = llama_s * 1e6
@@ -273,50 +304,63 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--steps", type=int, default=16, help="decode steps per timed run")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--json", help="also write all results here")
     args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if "smollm2" in args.parts and (device.type != "cpu" or dtype != torch.float32):
+        parser.error("--parts smollm2 runs on the CPU in float32 only (the bundled GGUF is dequantised there); "
+                     "leave it out of --parts for --device/--dtype runs")
     torch.set_num_threads(os.cpu_count() or 1)
     results = {}
     formats = {"GQE tokens/s": ".2f", "Llama tokens/s": ".2f", "SmolLM2 tokens/s": ".2f", "speed-up": ".3f",
                "memory-traffic ceiling": ".3f", "speed-up (whole generate)": ".3f", "GQE step s": ".3f",
                "Llama step s": ".3f"}
+    where = f"{device.type}, {args.dtype}"
+
+    def section(key, title, rows, row_formats=formats):
+        results[key] = rows
+        columns = list(dict.fromkeys(column for row in rows for column in row))
+        report(f"{title} ({where})", columns, rows, row_formats, device=device)
+
     if "decode" in args.parts or "static" in args.parts or "memory" in args.parts:
-        gqe, llama = paper_models()
+        gqe, llama = paper_models(device=device, dtype=dtype)
     if "decode" in args.parts:
-        rows = decode_rows(gqe, llama, args.lengths, args.steps, args.repeats, "Llama")
-        results["decode"] = rows
-        report("Decode, paper shape: GQE vs Llama (DynamicCache, batch 1)", list(rows[0]), rows, formats)
+        section("decode", "Decode, paper shape: GQE vs Llama (DynamicCache, batch 1)",
+                decode_rows(gqe, llama, args.lengths, args.steps, args.repeats, "Llama"))
     if "smollm2" in args.parts:
         smol_gqe, smol = smollm2_models()
         rows = decode_rows(smol_gqe, smol, [length for length in args.lengths if length <= 2048], args.steps,
                            args.repeats, "SmolLM2")
-        results["smollm2"] = rows
-        report("Decode, SmolLM2-135M sparse K = 2 vs SmolLM2-135M (DynamicCache, batch 1)", list(rows[0]), rows, formats)
-    if "static" in args.parts:
-        rows = static_generate_rows(gqe, llama, [512, 2048], 32, max(3, args.repeats // 2), "Llama")
-        results["static"] = rows
-        report("generate(cache_implementation='static') with a compiled forward, paper shape", list(rows[0]), rows, formats)
-    if "memory" in args.parts:
+        section("smollm2", "Decode, SmolLM2-135M sparse K = 2 vs SmolLM2-135M (DynamicCache, batch 1)", rows)
+    if "memory" in args.parts:  # before "static", which compiles the models' forwards
         length = max(args.lengths)
-        row = {"prefill tokens": length, "GQE peak MiB": prefill_peak_memory("gqe", length),
-               "Llama peak MiB": prefill_peak_memory("llama", length)}
+        if device.type == "cuda":
+            row = {"prefill tokens": length, "GQE peak MiB": prefill_peak_memory_gpu(gqe, length),
+                   "Llama peak MiB": prefill_peak_memory_gpu(llama, length)}
+        else:
+            row = {"prefill tokens": length, "GQE peak MiB": prefill_peak_memory("gqe", length, args.dtype),
+                   "Llama peak MiB": prefill_peak_memory("llama", length, args.dtype)}
         row["Llama / GQE"] = row["Llama peak MiB"] / row["GQE peak MiB"]
-        results["memory"] = [row]
-        report("Prefill peak memory, paper shape", list(row), [row],
-               {"GQE peak MiB": ".0f", "Llama peak MiB": ".0f", "Llama / GQE": ".2f"})
+        print(row, flush=True)
+        section("memory", "Prefill peak memory, paper shape", [row],
+                {"GQE peak MiB": ".0f", "Llama peak MiB": ".0f", "Llama / GQE": ".2f"})
+    if "static" in args.parts:
+        section("static", "generate(cache_implementation='static') with a compiled forward, paper shape",
+                static_generate_rows(gqe, llama, [512, 2048], 32, max(3, args.repeats // 2), "Llama"))
     if "training" in args.parts:
-        rows = training_rows([512, 2048], args.repeats)
-        results["training"] = rows
-        report("Training step (forward, backward, AdamW), paper shape", list(rows[0]), rows, formats)
+        section("training", "Training step (forward, backward, AdamW), paper shape",
+                training_rows([512, 2048], args.repeats, device=device, dtype=dtype))
     if "projection" in args.parts:
-        rows = projection_rows([1, 4, 8, 16, 64, 512, 8192], args.repeats)
-        results["projection"] = rows
+        rows = projection_rows([1, 4, 8, 16, 64, 512, 8192], args.repeats, device=device, dtype=dtype)
         columns = list(dict.fromkeys(column for row in rows for column in row))
-        report("The query projection alone, one layer of the paper shape (Llama / GQE per strategy)", columns,
-               rows, {column: ".0f" if column.endswith("µs") else ".2f" for column in columns if column != "tokens"})
+        section("projection", "The query projection alone, one layer of the paper shape (Llama / GQE per strategy)",
+                rows, {column: ".0f" if column.endswith("µs") else ".2f" for column in columns if column != "tokens"})
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+            json.dump({"machine": common.machine(device), "command": common.command_line(), **results}, handle,
+                      indent=2)
 
 
 if __name__ == "__main__":
