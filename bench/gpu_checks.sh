@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU measurement of bench/ in one prepared run, for a session that is lent a GPU machine for a few minutes
-# (about 6 minutes on an H100/H200). Writes JSON and logs to $OUT (the device tool's output folder), or to
-# bench/results/gpu when OUT is unset:
+# Every GPU measurement of bench/ in one prepared run, for a session that is lent a GPU machine for a few
+# minutes (sized for about 6 minutes on an H100/H200; not yet run on one). Writes JSON and logs to $OUT (the
+# device tool's output folder), or to bench/results/gpu when OUT is unset:
 #   prefill: kernel, attention module and 2-layer model, bf16, SDPA, 4k to 32k tokens (issue 11's prefill ratios,
 #            the paper's 1.67-1.80x kernel figures are GPU ones);
 #   decode:  tokens/s at cache lengths 512 to 32k, DynamicCache, batch 1, with the memory-traffic ceiling;
