@@ -21,6 +21,9 @@ on a CPU reads every weight and the whole KV cache once per token, so it is boun
 "ceiling" column is dense bytes / GQE bytes per decoded token (`decode_bytes`), the best ratio any
 implementation of these two models can reach there.
 
+Parts run in the order decode, smollm2, memory, training, projection, static (the one that compiles, last);
+`--json` rewrites its file after each part, so a part that fails keeps what the earlier ones measured.
+
     python bench/bench_decode.py                    # everything (about 25 minutes on 2 CPU cores)
     python bench/bench_decode.py --parts decode     # one part: decode, smollm2, static, memory, training, projection
     python bench/bench_decode.py --device cuda --dtype bfloat16 --parts decode static memory training projection
@@ -323,6 +326,10 @@ def main():
         results[key] = rows
         columns = list(dict.fromkeys(column for row in rows for column in row))
         report(f"{title} ({where})", columns, rows, row_formats, device=device)
+        if args.json:  # after every part, so that a part that fails later loses nothing measured before it
+            with open(args.json, "w") as handle:
+                json.dump({"machine": common.machine(device), "command": common.command_line(), **results}, handle,
+                          indent=2)
 
     if "decode" in args.parts or "static" in args.parts or "memory" in args.parts:
         gqe, llama = paper_models(device=device, dtype=dtype)
@@ -334,7 +341,7 @@ def main():
         rows = decode_rows(smol_gqe, smol, [length for length in args.lengths if length <= 2048], args.steps,
                            args.repeats, "SmolLM2")
         section("smollm2", "Decode, SmolLM2-135M sparse K = 2 vs SmolLM2-135M (DynamicCache, batch 1)", rows)
-    if "memory" in args.parts:  # before "static", which compiles the models' forwards
+    if "memory" in args.parts:
         length = max(args.lengths)
         if device.type == "cuda":
             row = {"prefill tokens": length, "GQE peak MiB": prefill_peak_memory_gpu(gqe, length),
@@ -346,9 +353,6 @@ def main():
         print(row, flush=True)
         section("memory", "Prefill peak memory, paper shape", [row],
                 {"GQE peak MiB": ".0f", "Llama peak MiB": ".0f", "Llama / GQE": ".2f"})
-    if "static" in args.parts:
-        section("static", "generate(cache_implementation='static') with a compiled forward, paper shape",
-                static_generate_rows(gqe, llama, [512, 2048], 32, max(3, args.repeats // 2), "Llama"))
     if "training" in args.parts:
         section("training", "Training step (forward, backward, AdamW), paper shape",
                 training_rows([512, 2048], args.repeats, device=device, dtype=dtype))
@@ -357,10 +361,9 @@ def main():
         columns = list(dict.fromkeys(column for row in rows for column in row))
         section("projection", "The query projection alone, one layer of the paper shape (Llama / GQE per strategy)",
                 rows, {column: ".0f" if column.endswith("µs") else ".2f" for column in columns if column != "tokens"})
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"machine": common.machine(device), "command": common.command_line(), **results}, handle,
-                      indent=2)
+    if "static" in args.parts:  # last: it compiles the models' forwards
+        section("static", "generate(cache_implementation='static') with a compiled forward, paper shape",
+                static_generate_rows(gqe, llama, [512, 2048], 32, max(3, args.repeats // 2), "Llama"))
 
 
 if __name__ == "__main__":
