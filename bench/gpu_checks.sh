@@ -30,6 +30,11 @@ print("torch", torch.__version__, "transformers", transformers.__version__)
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")
 PY
 
+if [ "$DEVICE" = cuda ] && ! $python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu_checks: no CUDA device here: run it on a machine with a GPU (or DEVICE=cpu QUICK=1 for a smoke run)." >&2
+    exit 2
+fi
+
 status=0
 $python bench/bench_prefill.py --device "$DEVICE" --dtype bfloat16 --backends sdpa --lengths $prefill_lengths \
     --model-max-length 32768 --repeats $repeats --json "$OUT/prefill_bf16.json" 2>&1 | tee "$OUT/prefill.log" \
