@@ -93,7 +93,7 @@ def capture_attention_io(model, input_ids, attention_mask):
 
 CASES = list(
     itertools.product(
-        ["gqe", "hard_concat", "weighted_concat"], ["ranked", "partitioned"], ["eager", "sdpa"], [False, True]
+        ["gqe", "hard_concat", "weighted_concat"], ["ranked", "partitioned"], ["eager", "sdpa", "flex_attention"], [False, True]
     )
 )
 
@@ -134,7 +134,7 @@ def test_reference_detects_a_wrong_selection():
     assert (output[0].double() - expected).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex_attention"])
 @pytest.mark.parametrize("variant,k", [("gqe", 1), ("gqe", 2), ("hard_concat", 1)])
 def test_unselected_experts_are_never_attended(backend, variant, k, monkeypatch):
     """The backend receives exactly G*k routed query heads, plus the shared head: with k = 1 in the same call

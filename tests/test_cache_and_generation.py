@@ -14,7 +14,7 @@ def random_ids(batch, length, seed=0, vocab=97):
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex_attention"])
 def test_token_by_token_and_chunked_decoding_equal_full_forward(setting, backend):
     model = setting_model(setting, attn_implementation=backend)
     input_ids = random_ids(2, 14)
