@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU measurement of bench/ in one prepared run, for a session that is lent a GPU machine for a few
+# Every GPU check and measurement in one prepared run, for a session that is lent a GPU machine for a few
 # minutes (sized for about 6 minutes on an H100/H200; not yet run on one). Writes JSON and logs to $OUT (the
 # device tool's output folder), or to bench/results/gpu when OUT is unset:
+#   tests:   tests/test_gpu.py (every attention backend against the CPU, cached decoding, half precision with
+#            padding), before any timing;
 #   prefill: kernel, attention module and 2-layer model, bf16, SDPA, 4k to 32k tokens (issue 11's prefill ratios,
 #            the paper's 1.67-1.80x kernel figures are GPU ones);
 #   decode:  tokens/s at cache lengths 512 to 32k, DynamicCache, batch 1, with the memory-traffic ceiling;
@@ -36,6 +38,9 @@ if [ "$DEVICE" = cuda ] && ! $python -c "import torch, sys; sys.exit(not torch.c
 fi
 
 status=0
+# Correctness first: every backend's float32 logits equal the CPU's, cached decoding the full forward, and half
+# precision with padding stays finite (tests/test_gpu.py; skipped on machines without a GPU).
+GQE_TEST_DEVICE=$DEVICE $python -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" || status=1
 $python bench/bench_prefill.py --device "$DEVICE" --dtype bfloat16 --backends sdpa --lengths $prefill_lengths \
     --model-max-length 32768 --repeats $repeats --json "$OUT/prefill_bf16.json" 2>&1 | tee "$OUT/prefill.log" \
     || status=1
