@@ -62,5 +62,6 @@ def data_file(name: str, folder: str | os.PathLike | None = None) -> Path:
     """A file of the data folder, e.g. `data_file(SHAKESPEARE)`."""
     path = data_folder(folder) / name
     if not path.is_file():
-        raise UpcycleError(f"{path} does not exist.")
+        raise UpcycleError(f"{path} does not exist: put {name} in {path.parent}, or point {DATA_DIR_VARIABLE} at a "
+                           "folder that holds it.")
     return path

