@@ -166,7 +166,10 @@ def prefill_peak_memory(which: str, length: int, dtype: str = "float32") -> floa
     it, measured in a fresh process so that nothing else's peak counts."""
     code = (
         "import resource, sys, torch; sys.path.insert(0, 'bench'); import bench_decode as b; "
-        "gqe, llama = b.paper_models(dtype=getattr(torch, sys.argv[3])); model = gqe if sys.argv[1] == 'gqe' else llama; "
+        # built in the benchmark's dtype, so no float32 copy sets the process's peak before the forward
+        "dtype = getattr(torch, sys.argv[3]); torch.set_default_dtype(dtype); "
+        "gqe, llama = b.paper_models(dtype=dtype); "
+        "model = gqe if sys.argv[1] == 'gqe' else llama; "
         "ids = torch.randint(0, 32000, (1, int(sys.argv[2]))); "
         "before = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() / 2**20; "
         "torch.no_grad().__enter__(); model(ids, use_cache=True, logits_to_keep=1); "
@@ -350,7 +353,6 @@ def main():
             row = {"prefill tokens": length, "GQE peak MiB": prefill_peak_memory("gqe", length, args.dtype),
                    "Llama peak MiB": prefill_peak_memory("llama", length, args.dtype)}
         row["Llama / GQE"] = row["Llama peak MiB"] / row["GQE peak MiB"]
-        print(row, flush=True)
         section("memory", "Prefill peak memory, paper shape", [row],
                 {"GQE peak MiB": ".0f", "Llama peak MiB": ".0f", "Llama / GQE": ".2f"})
     if "training" in args.parts:

@@ -40,7 +40,8 @@ fi
 status=0
 # Correctness first: every backend's float32 logits equal the CPU's, cached decoding the full forward, and half
 # precision with padding stays finite (tests/test_gpu.py; skipped on machines without a GPU).
-GQE_TEST_DEVICE=$DEVICE $python -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" || status=1
+GQE_TEST_DEVICE=$DEVICE $python -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" \
+    || status=1
 $python bench/bench_prefill.py --device "$DEVICE" --dtype bfloat16 --backends sdpa --lengths $prefill_lengths \
     --model-max-length 32768 --repeats $repeats --json "$OUT/prefill_bf16.json" 2>&1 | tee "$OUT/prefill.log" \
     || status=1

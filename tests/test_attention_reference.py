@@ -93,7 +93,8 @@ def capture_attention_io(model, input_ids, attention_mask):
 
 CASES = list(
     itertools.product(
-        ["gqe", "hard_concat", "weighted_concat"], ["ranked", "partitioned"], ["eager", "sdpa", "flex_attention"], [False, True]
+        ["gqe", "hard_concat", "weighted_concat"], ["ranked", "partitioned"], ["eager", "sdpa", "flex_attention"],
+        [False, True],
     )
 )
 
