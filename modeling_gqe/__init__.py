@@ -10,13 +10,17 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
 )
 
 from .configuration_gqe import GQEConfig
 from .modeling_gqe import (
     GQEForCausalLM,
+    GQEForQuestionAnswering,
     GQEForSequenceClassification,
+    GQEForTokenClassification,
     GQEModel,
     GQEPreTrainedModel,
     load_balancing_loss_func,
@@ -29,11 +33,15 @@ AutoConfig.register("gqe", GQEConfig, exist_ok=True)
 AutoModel.register(GQEConfig, GQEModel, exist_ok=True)
 AutoModelForCausalLM.register(GQEConfig, GQEForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(GQEConfig, GQEForSequenceClassification, exist_ok=True)
+AutoModelForTokenClassification.register(GQEConfig, GQEForTokenClassification, exist_ok=True)
+AutoModelForQuestionAnswering.register(GQEConfig, GQEForQuestionAnswering, exist_ok=True)
 
 GQEConfig.register_for_auto_class()
 GQEModel.register_for_auto_class("AutoModel")
 GQEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 GQEForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+GQEForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
+GQEForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
 
 __all__ = [
     "GQEConfig",
@@ -41,6 +49,8 @@ __all__ = [
     "GQEModel",
     "GQEForCausalLM",
     "GQEForSequenceClassification",
+    "GQEForTokenClassification",
+    "GQEForQuestionAnswering",
     "load_balancing_loss_func",
     "routing_statistics",
     "GQERoutingCallback",

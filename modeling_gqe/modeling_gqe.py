@@ -27,7 +27,12 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -411,6 +416,16 @@ class GQEPreTrainedModel(PreTrainedModel):
         if isinstance(module, GQETopKRouter):
             init.zeros_(module.weight)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # transformers writes `auto_map` for the saved class alone, so a folder saved from GQEForCausalLM would not
+        # load with AutoModelForSequenceClassification(..., trust_remote_code=True). Every GQE class lives in this
+        # file, which travels with the folder: map them all.
+        if self._auto_class is not None:
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            every_class = {auto_class: f"{module}.{name}" for auto_class, name in AUTO_CLASS_NAMES.items()}
+            self.config.auto_map = {**every_class, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
 
 @auto_docstring
 class GQEModel(GQEPreTrainedModel):
@@ -657,11 +672,45 @@ class GQEForSequenceClassification(GenericForSequenceClassification, GQEPreTrain
         self.post_init()
 
 
+class GQEForTokenClassification(GenericForTokenClassification, GQEPreTrainedModel):
+    def __init__(self, config: GQEConfig):
+        # GQEModel built directly, as in GQEForSequenceClassification; the head is the generic one's.
+        GQEPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = GQEModel(config)
+        classifier_dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if classifier_dropout is None else classifier_dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=True)
+        self.post_init()
+
+
+class GQEForQuestionAnswering(GenericForQuestionAnswering, GQEPreTrainedModel):
+    # The base model sits under "model", as in every other GQE class (Llama's QA head keeps "transformer" for old
+    # checkpoints; GQE has none).
+    def __init__(self, config: GQEConfig):
+        GQEPreTrainedModel.__init__(self, config)
+        self.model = GQEModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+
+# Auto class -> GQE class, for the `auto_map` of trust_remote_code folders (GQEPreTrainedModel.save_pretrained).
+AUTO_CLASS_NAMES = {
+    "AutoModel": "GQEModel",
+    "AutoModelForCausalLM": "GQEForCausalLM",
+    "AutoModelForSequenceClassification": "GQEForSequenceClassification",
+    "AutoModelForTokenClassification": "GQEForTokenClassification",
+    "AutoModelForQuestionAnswering": "GQEForQuestionAnswering",
+}
+
+
 __all__ = [
     "GQEPreTrainedModel",
     "GQEModel",
     "GQEForCausalLM",
     "GQEForSequenceClassification",
+    "GQEForTokenClassification",
+    "GQEForQuestionAnswering",
     "load_balancing_loss_func",
     "routing_statistics",
 ]

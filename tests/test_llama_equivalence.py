@@ -55,3 +55,49 @@ def test_gqe_equals_llama_at_k_equals_m(attention_bias, tie, backend):
             llama.generate(input_ids[:1], max_new_tokens=8, do_sample=False),
             gqe.generate(input_ids[:1], max_new_tokens=8, do_sample=False),
         )
+
+
+
+@pytest.mark.parametrize("task", ["SequenceClassification", "TokenClassification", "QuestionAnswering"])
+def test_task_heads_equal_llamas_at_k_equals_m(task):
+    """Each task head on the exact GQE equals Llama's with the same weights: outputs on a padded batch and loss."""
+    import transformers
+
+    import modeling_gqe
+
+    llama, gqe = llama_and_gqe(attention_bias=False, tie=False)
+    task_fields = {"num_labels": 3, "pad_token_id": 0}
+    llama_head = getattr(transformers, f"LlamaFor{task}")(type(llama.config)(**{**llama.config.to_dict(), **task_fields}))
+    gqe_head = getattr(modeling_gqe, f"GQEFor{task}")(type(gqe.config)(**{**gqe.config.to_dict(), **task_fields}))
+    llama_head.eval()
+    gqe_head.eval()
+    # The decoders of the two equivalent causal LMs; the task layer random, the same in both.
+    # (Llama's QA head keeps its decoder under "transformer", for old checkpoints; GQE's is under "model".)
+    llama_head.get_submodule(llama_head.base_model_prefix).load_state_dict(llama.model.state_dict())
+    gqe_head.model.load_state_dict(gqe.model.state_dict())
+    task_layer = "qa_outputs" if task == "QuestionAnswering" else "score"
+    with torch.no_grad():
+        for param in getattr(llama_head, task_layer).parameters():
+            param.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    getattr(gqe_head, task_layer).load_state_dict(getattr(llama_head, task_layer).state_dict())
+
+    input_ids = torch.randint(1, 101, (2, 9), generator=torch.Generator().manual_seed(2))
+    input_ids[1, 6:] = 0  # right padding: sequence classification pools at the last real token
+    attention_mask = (input_ids != 0).long()
+    token_labels = torch.randint(0, 3, (2, 9), generator=torch.Generator().manual_seed(3))
+    labels = {
+        "SequenceClassification": {"labels": torch.tensor([0, 2])},
+        "TokenClassification": {"labels": token_labels.masked_fill(attention_mask == 0, -100)},
+        "QuestionAnswering": {"start_positions": torch.tensor([1, 2]), "end_positions": torch.tensor([4, 5])},
+    }[task]
+    with torch.no_grad():
+        expected = llama_head(input_ids, attention_mask=attention_mask, **labels)
+        actual = gqe_head(input_ids, attention_mask=attention_mask, **labels)
+    if task == "SequenceClassification":
+        torch.testing.assert_close(actual.logits, expected.logits, atol=1e-5, rtol=1e-5)
+    else:
+        real = attention_mask.bool()  # per-token outputs: compared where the tokens are real
+        for name in ("start_logits", "end_logits") if task == "QuestionAnswering" else ("logits",):
+            torch.testing.assert_close(getattr(actual, name)[real], getattr(expected, name)[real], atol=1e-5, rtol=1e-5)
+    assert expected.loss > 0
+    torch.testing.assert_close(actual.loss, expected.loss, atol=1e-5, rtol=1e-5)

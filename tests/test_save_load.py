@@ -8,11 +8,18 @@ import textwrap
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
 import pytest
 from conftest import REPO_ROOT, SETTING_IDS, SETTINGS, setting_model, tiny_model
-from modeling_gqe import GQEForSequenceClassification, GQEModel
+from modeling_gqe import GQEForQuestionAnswering, GQEForSequenceClassification, GQEForTokenClassification, GQEModel
 
 
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "checkpoints-0.1"
@@ -29,6 +36,8 @@ def test_save_and_auto_load_reproduce_logits(setting, tmp_path):
         torch.testing.assert_close(reloaded(input_ids).logits, model(input_ids).logits, atol=0, rtol=0)
     assert isinstance(AutoModel.from_pretrained(tmp_path), GQEModel)
     assert isinstance(AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3), GQEForSequenceClassification)
+    assert isinstance(AutoModelForTokenClassification.from_pretrained(tmp_path, num_labels=3), GQEForTokenClassification)
+    assert isinstance(AutoModelForQuestionAnswering.from_pretrained(tmp_path), GQEForQuestionAnswering)
     assert AutoConfig.from_pretrained(tmp_path).model_type == "gqe"
 
 
@@ -51,7 +60,15 @@ def test_save_pretrained_writes_auto_map_and_standalone_files(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "gqe"
     assert config["auto_map"]["AutoConfig"] == "configuration_gqe.GQEConfig"
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_gqe.GQEForCausalLM"
+    # Every GQE class, not only the one saved: the folder must serve each Auto class with trust_remote_code.
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_gqe.GQEConfig",
+        "AutoModel": "modeling_gqe.GQEModel",
+        "AutoModelForCausalLM": "modeling_gqe.GQEForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_gqe.GQEForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_gqe.GQEForTokenClassification",
+        "AutoModelForQuestionAnswering": "modeling_gqe.GQEForQuestionAnswering",
+    }
     assert (tmp_path / "configuration_gqe.py").exists() and (tmp_path / "modeling_gqe.py").exists()
 
 
@@ -77,6 +94,17 @@ def test_trust_remote_code_folder_loads_in_a_process_that_never_imports_the_pack
             logits = model(data["input_ids"]).logits
         torch.testing.assert_close(logits, data["expected"], atol=0, rtol=0)
         print("remote-code-ok", type(model).__name__)
+        # The task heads load from the same causal-LM folder, their decoder the saved one.
+        import transformers
+        for auto_class, name in [("AutoModel", "GQEModel"),
+                                 ("AutoModelForSequenceClassification", "GQEForSequenceClassification"),
+                                 ("AutoModelForTokenClassification", "GQEForTokenClassification"),
+                                 ("AutoModelForQuestionAnswering", "GQEForQuestionAnswering")]:
+            head = getattr(transformers, auto_class).from_pretrained({str(folder)!r}, trust_remote_code=True)
+            assert type(head).__name__ == name, (auto_class, type(head))
+            decoder = head if name == "GQEModel" else head.model
+            torch.testing.assert_close(decoder.embed_tokens.weight, model.model.embed_tokens.weight, atol=0, rtol=0)
+        print("remote-code-heads-ok")
         """
     )
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
@@ -87,6 +115,7 @@ def test_trust_remote_code_folder_loads_in_a_process_that_never_imports_the_pack
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "remote-code-ok GQEForCausalLM" in result.stdout
+    assert "remote-code-heads-ok" in result.stdout
 
 
 @pytest.mark.parametrize("name", ["gqe-ranked-k1", "gqe-partitioned-k2", "hard_concat-ranked-k2",
