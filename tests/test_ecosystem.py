@@ -1,4 +1,5 @@
-"""The Hugging Face ecosystem around a GQE model: PEFT LoRA, the text-generation pipeline, torch.compile."""
+"""The Hugging Face ecosystem around a GQE model: PEFT LoRA, the text-generation pipeline, torch.compile, big-model
+loading with a device map."""
 
 import pytest
 import torch
@@ -80,6 +81,23 @@ def test_text_generation_pipeline_matches_generate(shakespeare_text, tmp_path):
 
 COMPILED_SETTINGS = [("gqe", "ranked", 1), ("gqe", "partitioned", 2), ("weighted_concat", "ranked", 2)]
 COMPILED_IDS = ["gqe-ranked-k1", "gqe-partitioned-k2", "weighted_concat-ranked-k2"]
+
+
+def test_device_map_with_a_layer_offloaded_to_disk_gives_the_same_logits_and_tokens(tmp_path):
+    """accelerate's big-model loading: whole decoder layers placed (`_no_split_modules`), one of them on disk and
+    streamed in for its forward, the shared head's cached K/V included."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "checkpoint")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint", device_map=device_map,
+                                                     offload_folder=tmp_path / "offload").eval()
+    assert offloaded.hf_device_map["model.layers.1"] == "disk"
+    input_ids = torch.randint(3, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits_of(offloaded, input_ids), logits_of(model, input_ids), atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(offloaded.generate(input_ids[:1], max_new_tokens=6, do_sample=False),
+                           model.generate(input_ids[:1], max_new_tokens=6, do_sample=False))
 
 
 @pytest.mark.parametrize("setting", COMPILED_SETTINGS, ids=COMPILED_IDS)
