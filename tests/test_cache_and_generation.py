@@ -62,6 +62,25 @@ def test_greedy_generate_same_with_and_without_cache(setting, backend):
     assert torch.equal(cached, static)
 
 
+@pytest.mark.parametrize("setting", [("gqe", "ranked", 2), ("gqe", "partitioned", 2), ("weighted_concat", "ranked", 1)],
+                         ids=["gqe-ranked-k2", "gqe-partitioned-k2", "weighted_concat-ranked-k1"])
+def test_assisted_and_prompt_lookup_decoding_equal_plain_greedy(setting):
+    """Speculative decoding verifies several tokens in one cached forward and crops the cache (the shared head's
+    K/V with it) where a draft is rejected: a different GQE model as the assistant (mostly rejected), the model
+    itself (always accepted), and prompt lookup must all give plain greedy decoding's tokens."""
+    model, other = setting_model(setting), tiny_model(seed=5)
+    lengths = {"max_new_tokens": 12, "min_new_tokens": 12}  # (eos_token_id=None trips prompt lookup on 5.5)
+    input_ids = random_ids(1, 7, seed=3)
+    input_ids[0, 4:] = input_ids[0, :3]  # a repeat for prompt lookup to draft from
+    with torch.no_grad():
+        plain = model.generate(input_ids, do_sample=False, **lengths)
+        for drafts in ({"assistant_model": other}, {"assistant_model": model}, {"prompt_lookup_num_tokens": 3}):
+            drafted = model.generate(input_ids, do_sample=False, **lengths, **drafts)
+            # (transformers 5.5's prompt lookup can overrun max_new_tokens by one token here; generate's loop, not
+            # the model, decides the length: the tokens are compared up to plain greedy's length.)
+            assert drafted.shape[1] >= plain.shape[1] and torch.equal(drafted[:, : plain.shape[1]], plain), drafts
+
+
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
 def test_sampling_is_reproducible_and_beam_scores_equal_a_full_forward(setting):
     model = setting_model(setting, eos_token_id=None)
