@@ -231,6 +231,9 @@ class GQEAttention(nn.Module):
     one more KV head (G + 1 in the cache, computed once per token), so with k = 1 the shared query is simply one
     more head of the same call: G + 1 query heads on G + 1 KV heads. With k > 1 it gets a call of its own in
     prefill, and joins the routed call (repeated to k heads) when decoding.
+
+    Returns the layer's output [B, T, D] and the attention weights where the backend gives them (eager):
+    [B, G*k (+1), T, S], one row per attended query head in the order above, the shared head last.
     """
 
     def __init__(self, config: GQEConfig, layer_idx: int):
@@ -331,6 +334,8 @@ class GQEAttention(nn.Module):
             attn_output, attn_weights = attention_interface(
                 self, queries, key_states, value_states, attention_mask, **attention_kwargs
             )  # [B, 1, (G+1)*k, d]: the shared head's output is at G*k
+            if attn_weights is not None:
+                attn_weights = attn_weights[:, : G * k + 1]  # without the shared head's repeats
         else:
             # Prefill with k > 1: the routed heads on KV heads 0..G-1 and the shared head on KV head G, in two calls,
             # so no attention is spent on repeats.
@@ -338,11 +343,13 @@ class GQEAttention(nn.Module):
                 self, query_states[:, : G * k], key_states[:, :G], value_states[:, :G], attention_mask,
                 **attention_kwargs,
             )
-            shared_output, _ = attention_interface(
+            shared_output, shared_weights = attention_interface(
                 self.shared_head_attention, query_states[:, G * k :], key_states[:, G:], value_states[:, G:],
                 attention_mask, **attention_kwargs,
             )
             attn_output = torch.cat([routed_output, shared_output], dim=2)  # [B, T, G*k + 1, d]
+            if attn_weights is not None and shared_weights is not None:
+                attn_weights = torch.cat([attn_weights, shared_weights], dim=1)
 
         routed_output = attn_output[:, :, : G * k]  # [B, T, G*k, d]
         if self.variant == "weighted_concat":

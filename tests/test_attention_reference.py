@@ -20,14 +20,18 @@ def rope(x: torch.Tensor, position: int, theta: float) -> torch.Tensor:
     return x * cos + rotated * sin
 
 
-def attend(query: torch.Tensor, keys: list, values: list, scale: float) -> torch.Tensor:
+def attend(query: torch.Tensor, keys: list, values: list, scale: float, record: list | None = None) -> torch.Tensor:
     scores = torch.stack([query @ key for key in keys]) * scale
     probs = torch.softmax(scores, dim=0)
+    if record is not None:
+        record.append(probs)
     return sum(p * v for p, v in zip(probs, values))
 
 
-def naive_gqe_attention(attn, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """hidden [T, D] of one sequence, keep [T] bool (False for padding). Returns [T, D] for kept rows."""
+def naive_gqe_attention(attn, hidden: torch.Tensor, keep: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
+    """hidden [T, D] of one sequence, keep [T] bool (False for padding). Returns [T, D] for kept rows.
+    If `weights` is a dict, weights[t] gets token t's attention probabilities over the visible tokens, one row
+    per attended head: the selected experts group by group in slot order, then the shared head."""
     config = attn.config
     G, M, k, d = config.num_key_value_heads, config.num_experts_per_group, config.num_experts_per_tok, config.head_dim
     theta = config.rope_parameters["rope_theta"]
@@ -48,7 +52,7 @@ def naive_gqe_attention(attn, hidden: torch.Tensor, keep: torch.Tensor) -> torch
         if not keep[t]:
             continue
         visible = [s for s in range(t + 1) if keep[s]]
-        hard_slots, picks = [], []
+        hard_slots, picks, probabilities = [], [], []
         for g in range(G):
             probs = torch.softmax(logits[t, g * M : (g + 1) * M], dim=0)
             if config.expert_routing == "ranked":
@@ -58,7 +62,9 @@ def naive_gqe_attention(attn, hidden: torch.Tensor, keep: torch.Tensor) -> torch
                 chosen = [max(range(j * block, (j + 1) * block), key=lambda m: probs[m].item()) for j in range(k)]
             for m in chosen:
                 query = rope(q_all[t, g * M + m], t, theta)
-                out = attend(query, [keys[s][g] for s in visible], [v_all[s, g] for s in visible], d**-0.5)
+                out = attend(
+                    query, [keys[s][g] for s in visible], [v_all[s, g] for s in visible], d**-0.5, probabilities
+                )
                 picks.append((probs[m], out))
                 hard_slots.append(out * probs[m] if config.gqe_variant == "weighted_concat" else out)
         slots = hard_slots
@@ -68,9 +74,11 @@ def naive_gqe_attention(attn, hidden: torch.Tensor, keep: torch.Tensor) -> torch
             shared_query = rope(linear(attn.q_shared, h[t]), t, theta)
             mean_keys = [torch.stack(keys[s]).mean(0) for s in visible]
             mean_values = [v_all[s].mean(0) for s in visible]
-            shared = attend(shared_query, mean_keys, mean_values, d**-0.5)
+            shared = attend(shared_query, mean_keys, mean_values, d**-0.5, probabilities)
             slots = hard_slots + [weighted, shared]
         outputs[t] = linear(attn.o_proj, torch.cat(slots))
+        if weights is not None:
+            weights[t] = torch.stack(probabilities)
     return outputs
 
 
@@ -207,3 +215,34 @@ def test_a_decoded_token_multiplies_only_its_selected_experts_query_rows(routing
         hook.remove()
     assert torch.isfinite(actual).all()
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant,k", [("gqe", 1), ("gqe", 2), ("hard_concat", 2)])
+def test_output_attentions_are_each_attended_heads_probabilities(variant, k):
+    """`output_attentions=True` (eager) returns one row per attended head, [B, G*k (+1 shared), T, S], equal to the
+    naive layer's probabilities; a cached decoding step returns the same heads' last row (with k > 1 the shared
+    query is repeated inside that call, and the repeats are not returned)."""
+    model = tiny_model(seed=3, attn_implementation="eager", gqe_variant=variant, num_experts_per_tok=k)
+    config = model.config
+    heads = config.num_key_value_heads * k + (variant == "gqe")
+    seq_len = 7
+    input_ids = torch.randint(3, config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(4))
+    hidden, _ = capture_attention_io(model, input_ids, torch.ones_like(input_ids))
+    with torch.no_grad():
+        attentions = model(input_ids, output_attentions=True).attentions
+    assert len(attentions) == config.num_hidden_layers
+    assert all(layer.shape == (1, heads, seq_len, seq_len) for layer in attentions)
+
+    expected = {}
+    naive_gqe_attention(model.model.layers[0].self_attn, hidden[0], torch.ones(seq_len, dtype=torch.bool), expected)
+    for t in range(seq_len):
+        torch.testing.assert_close(attentions[0][0, :, t, : t + 1].double(), expected[t], atol=1e-5, rtol=1e-5)
+        assert attentions[0][0, :, t, t + 1 :].abs().sum() == 0  # nothing of the future
+
+    with torch.no_grad():
+        cache = DynamicCache(config=config)
+        model(input_ids[:, :-1], past_key_values=cache)
+        step = model(input_ids[:, -1:], past_key_values=cache, output_attentions=True).attentions
+    for full, decoded in zip(attentions, step):
+        assert decoded.shape == (1, heads, 1, seq_len)
+        torch.testing.assert_close(decoded, full[:, :, -1:], atol=1e-5, rtol=1e-5)

@@ -45,17 +45,27 @@ def test_gqe_equals_llama_at_k_equals_m(attention_bias, tie, backend):
     input_ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(0))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :4] = 0
+    recorded = {"output_hidden_states": True, "output_attentions": backend == "eager"}  # sdpa returns no weights
     with torch.no_grad():
-        expected = llama(input_ids, attention_mask=attention_mask).logits
-        actual = gqe(input_ids, attention_mask=attention_mask).logits
+        expected = llama(input_ids, attention_mask=attention_mask, **recorded)
+        actual = gqe(input_ids, attention_mask=attention_mask, **recorded)
     keep = attention_mask.bool()
-    torch.testing.assert_close(actual[keep], expected[keep], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual.logits[keep], expected.logits[keep], atol=1e-5, rtol=1e-5)
+    # The recorded outputs too: the embeddings and every layer's output, and each head's attention probabilities.
+    assert len(actual.hidden_states) == len(expected.hidden_states) == 4
+    for gqe_states, llama_states in zip(actual.hidden_states, expected.hidden_states):
+        torch.testing.assert_close(gqe_states[keep], llama_states[keep], atol=1e-5, rtol=1e-5)
+    if backend == "eager":
+        assert len(actual.attentions) == len(expected.attentions) == 3
+        for gqe_weights, llama_weights in zip(actual.attentions, expected.attentions):
+            assert gqe_weights.shape == llama_weights.shape == (2, 8, 12, 12)
+            torch.testing.assert_close(gqe_weights[0], llama_weights[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(gqe_weights[1, :, 4:, 4:], llama_weights[1, :, 4:, 4:], atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         assert torch.equal(
             llama.generate(input_ids[:1], max_new_tokens=8, do_sample=False),
             gqe.generate(input_ids[:1], max_new_tokens=8, do_sample=False),
         )
-
 
 
 @pytest.mark.parametrize("task", ["SequenceClassification", "TokenClassification", "QuestionAnswering"])
