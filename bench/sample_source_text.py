@@ -1,6 +1,7 @@
 """Text sampled from the source model itself (SmolLM2-135M unless --source names another checkpoint), for use as a
-calibration source that needs no data (as in LLM-QAT's data-free distillation): each sequence starts from one token drawn uniformly from the vocabulary (special tokens
-excluded), then plain sampling at temperature 1 (no top-k, no top-p), never stopping early.
+calibration source that needs no data (as in LLM-QAT's data-free distillation): each sequence starts from one token
+drawn uniformly from the tokenizer's vocabulary (special tokens excluded), then plain sampling at temperature 1 (no
+top-k, no top-p), never stopping early.
 
     python bench/sample_source_text.py sampled.txt                      # 256 x 512 tokens, about 15 min on 2 cores
     python bench/bench_calibration.py --recipes 2 --extra-calibration sampled.txt
@@ -39,7 +40,9 @@ def main():
             parser.error(f"{args.source} has no tokenizer: sampling text needs one (add its tokenizer files).")
     source.eval()
     special = set(tokenizer.all_special_ids)
-    first_tokens = torch.tensor([i for i in range(source.config.vocab_size) if i not in special])
+    # The tokenizer's ids only: embeddings are often padded past the tokenizer (Qwen2), rows that decode to nothing.
+    vocabulary = min(len(tokenizer), source.config.vocab_size)
+    first_tokens = torch.tensor([i for i in range(vocabulary) if i not in special])
     texts, start = [], time.time()
     for done in range(0, args.sequences, args.batch_size):
         batch = min(args.batch_size, args.sequences - done)
