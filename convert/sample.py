@@ -1,0 +1,115 @@
+"""Text sampled from the source model itself: calibration data for gqe-upcycle that needs no data at all.
+
+    gqe-sample-text SRC sampled.txt [--gguf-file NAME] [--sequences 256] [--length 512] [--seed 0]
+    gqe-upcycle SRC OUT --mode sparse --calibration-data sampled.txt [your own text ...]
+
+Each sequence starts from one token drawn uniformly from the tokenizer's vocabulary (special tokens excluded), then
+is sampled at temperature 1 with no top-k or top-p, never stopping early: text that follows the model's own
+distribution over everything it was trained on (the idea of LLM-QAT's data-free distillation). Calibrating on it
+keeps a conversion good on kinds of text no calibration file holds (bench/RESULTS.md, "Text sampled from the
+source itself"). Sequences are separated by blank lines (the text may hold blank lines of its own); special tokens
+are left out of the decoded text. The same seed gives the same text on the same machine and library versions.
+"""
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .cli import option, run_command, with_overrides
+from .errors import UpcycleError
+from .sources import read_source_config, read_source_tokenizer, read_source_weights
+
+
+@dataclass
+class SampleOptions:
+    gguf_file: str | None = option(None, "GGUF file name inside SRC")
+    sequences: int = option(256, "sequences to sample")
+    length: int = option(512, "tokens sampled per sequence (after the first, drawn from the vocabulary)")
+    batch_size: int = option(32, "sequences sampled together")
+    seed: int = option(0, "sampling seed")
+    force: bool = option(False, "replace OUT if it exists")
+
+
+def sample_source_text(model, tokenizer, sequences: int, length: int, batch_size: int = 32, seed: int = 0) -> list[str]:
+    """`sequences` texts of `length` sampled tokens each, from `model` (a causal LM in eval mode). Seeds torch's
+    global generator with `seed`, which both the first tokens and generate() draw from."""
+    torch.manual_seed(seed)
+    special = set(tokenizer.all_special_ids)
+    # The tokenizer's ids only: embeddings are often padded past the tokenizer (Qwen2), rows that decode to nothing.
+    vocabulary = min(len(tokenizer), model.config.vocab_size)
+    first_tokens = torch.tensor([i for i in range(vocabulary) if i not in special])
+    texts = []
+    with tqdm(total=sequences, desc="sampling", unit="sequence") as progress:
+        for done in range(0, sequences, batch_size):
+            batch = min(batch_size, sequences - done)
+            prompt = first_tokens[torch.randint(len(first_tokens), (batch, 1))]
+            with torch.no_grad():
+                sampled = model.generate(
+                    prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0,
+                    top_p=1.0, max_new_tokens=length, min_new_tokens=length, eos_token_id=None,
+                    pad_token_id=tokenizer.pad_token_id or 0,
+                )
+            texts += tokenizer.batch_decode(sampled, skip_special_tokens=True)
+            progress.update(batch)
+    return texts
+
+
+def check_text_output(out: str | os.PathLike, force: bool) -> Path:
+    """Refuse an existing OUT without `force`, a folder, and an OUT that cannot be written, before any work."""
+    out = Path(out)
+    if out.is_dir():
+        raise UpcycleError(f"{out} is a folder: OUT is the text file to write; name a file.")
+    if out.exists() and not force:
+        raise UpcycleError(f"{out} already exists: choose another OUT or pass --force to replace it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise UpcycleError(f"cannot write into {out.parent} (permission denied): choose an OUT in a writable folder.")
+    return out
+
+
+def write_sampled_text(src: str, out, options: SampleOptions | None = None, **overrides) -> dict:
+    """Sample text from the checkpoint SRC and write it to the file OUT, whole or not at all. Options as
+    `SampleOptions` and/or keyword overrides. Returns a report."""
+    options = with_overrides(options or SampleOptions(), overrides)
+    for name in ("sequences", "length", "batch_size"):
+        if getattr(options, name) < 1:
+            raise UpcycleError(f"--{name.replace('_', '-')} is {getattr(options, name)}: it must be at least 1.")
+    out = check_text_output(out, options.force)
+    config = read_source_config(src, options.gguf_file)
+    tokenizer = read_source_tokenizer(src, options.gguf_file)
+    if tokenizer is None:
+        raise UpcycleError(f"{src} has no tokenizer: sampling text needs one (add its tokenizer files).")
+    model = read_source_weights(src, options.gguf_file, config)
+    texts = sample_source_text(model, tokenizer, options.sequences, options.length, options.batch_size, options.seed)
+    # Written beside OUT and renamed into place: an interrupted run leaves no half-written file.
+    descriptor, partial = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.partial-")
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write("\n\n".join(texts))
+        os.chmod(partial, 0o644)  # mkstemp's 0600 is for secrets; this is a data file
+        os.replace(partial, out)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+    report = {"sequences": len(texts), "tokens per sequence": options.length, "characters": sum(map(len, texts))}
+    print(f"wrote {out}: {report['sequences']} sequences of {options.length} sampled tokens, "
+          f"{report['characters']} characters")
+    return report
+
+
+def main(argv=None) -> int:
+    return run_command(
+        "gqe-sample-text", __doc__, SampleOptions,
+        [("src", "Transformers folder, hub id, or folder holding the GGUF file of --gguf-file"),
+         ("out", "the text file to write")],
+        lambda src, out, options: write_sampled_text(src, out, options), argv,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
