@@ -15,7 +15,11 @@ Conversions run in memory (convert.layout + convert.fit), nothing is written to 
 
 `--extra-calibration` adds data sources (convert/data.py's PATH[,weight=W][,column=NAME] form) to every
 calibration mix, weight 1 each unless given, and never evaluates on them: it asks whether calibrating on more
-kinds of text helps the domains left out.
+kinds of text helps the domains left out. With `--only-extra` the domains are left out of every calibration: each
+recipe is one conversion on the extra sources alone, measured on every domain (all unseen), e.g. on text sampled
+from the source itself (`gqe-sample-text`), a conversion that needs no data at all:
+
+    python bench/bench_calibration.py --recipes 2 8 --extra-calibration sampled.txt --only-extra
 """
 
 import argparse
@@ -77,9 +81,13 @@ def main():
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--extra-calibration", nargs="*", default=[], metavar="SOURCE",
                         help="data sources added to every calibration mix, never evaluated")
+    parser.add_argument("--only-extra", action="store_true",
+                        help="calibrate on the --extra-calibration sources alone; every domain is unseen")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     extra = [TextSource.parse(spec) for spec in args.extra_calibration]
+    if args.only_extra and not extra:
+        parser.error("--only-extra calibrates on the --extra-calibration sources alone: name at least one.")
 
     source, tokenizer = load_source(str(smollm2_folder()), SMOLLM2_GGUF)
     sources = check_domains(DOMAINS)  # every domain's data, or an error naming what is missing
@@ -93,28 +101,39 @@ def main():
         recipe = GRID[index]
         row = {"recipe": index, **recipe}
         start = time.time()
-        for held_out in DOMAINS:
-            others = [sources[domain] for domain in DOMAINS if domain != held_out] + extra
-            ppl = convert_and_measure(source, tokenizer, args.top_k, recipe, others, {held_out: eval_blocks[held_out]})
-            row[f"{held_out} (unseen)"] = ppl[held_out] / source_ppl[held_out]
+        if args.only_extra:
+            ppl = convert_and_measure(source, tokenizer, args.top_k, recipe, extra, eval_blocks)
+            row.update({f"{domain} (unseen)": ppl[domain] / source_ppl[domain] for domain in DOMAINS})
+        else:
+            for held_out in DOMAINS:
+                others = [sources[domain] for domain in DOMAINS if domain != held_out] + extra
+                ppl = convert_and_measure(source, tokenizer, args.top_k, recipe, others,
+                                          {held_out: eval_blocks[held_out]})
+                row[f"{held_out} (unseen)"] = ppl[held_out] / source_ppl[held_out]
         row["worst unseen"] = max(row[f"{domain} (unseen)"] for domain in DOMAINS)
         row["minutes"] = (time.time() - start) / 60
         rows.append(row)
         print(row, flush=True)
     best = min(rows, key=lambda row: row["worst unseen"])
     recipe = GRID[best["recipe"]]
-    mixed = convert_and_measure(source, tokenizer, args.top_k, recipe, [sources[d] for d in DOMAINS] + extra,
-                                eval_blocks)
-    final = {"recipe": f"best ({best['recipe']}), all domains mixed", **recipe,
-             **{f"{domain} (seen, held-out text)": mixed[domain] / source_ppl[domain] for domain in DOMAINS}}
+    if args.only_extra:  # the rows already calibrate on every source there is and measure every domain
+        final = {"recipe": f"best ({best['recipe']})", **recipe}
+    else:
+        mixed = convert_and_measure(source, tokenizer, args.top_k, recipe, [sources[d] for d in DOMAINS] + extra,
+                                    eval_blocks)
+        final = {"recipe": f"best ({best['recipe']}), all domains mixed", **recipe,
+                 **{f"{domain} (seen, held-out text)": mixed[domain] / source_ppl[domain] for domain in DOMAINS}}
     columns = ["recipe", "tokens", "output_ridge", "router_ridge", "block_layout", "refine_epochs", "refine_batch_size",
                *[f"{d} (unseen)" for d in DOMAINS], "worst unseen"]
     formats = {column: ".3f" for column in columns if "(" in column or column == "worst unseen"}
-    report(f"Sparse K = {args.top_k} calibration recipes, leave-one-domain-out (perplexity / source's)", columns, rows,
+    how = "calibrated on the extra sources alone" if args.only_extra else "leave-one-domain-out"
+    report(f"Sparse K = {args.top_k} calibration recipes, {how} (perplexity / source's)", columns, rows,
            formats, json_path=args.json,
            notes=[f"Source perplexity on the held-out parts: {source_ppl}.",
-                  f"Added to every calibration mix: {[str(spec) for spec in args.extra_calibration] or 'nothing'}.",
-                  "Recommended recipe calibrated on all domains mixed: " + json.dumps(final)])
+                  f"Added to every calibration mix: {[str(spec) for spec in args.extra_calibration] or 'nothing'}"
+                  + (" (alone: no domain calibrates)." if args.only_extra else "."),
+                  ("Best recipe: " if args.only_extra else "Recommended recipe calibrated on all domains mixed: ")
+                  + json.dumps(final)])
 
 
 if __name__ == "__main__":
