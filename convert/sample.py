@@ -11,11 +11,8 @@ source itself"). Sequences are separated by blank lines (the text may hold blank
 are left out of the decoded text. The same seed gives the same text on the same machine and library versions.
 """
 
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -23,6 +20,7 @@ from tqdm.auto import tqdm
 from .cli import option, run_command, with_overrides
 from .errors import UpcycleError
 from .sources import read_source_config, read_source_tokenizer, read_source_weights
+from .staging import check_output, staged_file
 
 
 @dataclass
@@ -59,19 +57,6 @@ def sample_source_text(model, tokenizer, sequences: int, length: int, batch_size
     return texts
 
 
-def check_text_output(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse an existing OUT without `force`, a folder, and an OUT that cannot be written, before any work."""
-    out = Path(out)
-    if out.is_dir():
-        raise UpcycleError(f"{out} is a folder: OUT is the text file to write; name a file.")
-    if out.exists() and not force:
-        raise UpcycleError(f"{out} already exists: choose another OUT or pass --force to replace it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise UpcycleError(f"cannot write into {out.parent} (permission denied): choose an OUT in a writable folder.")
-    return out
-
-
 def write_sampled_text(src: str, out, options: SampleOptions | None = None, **overrides) -> dict:
     """Sample text from the checkpoint SRC and write it to the file OUT, whole or not at all. Options as
     `SampleOptions` and/or keyword overrides. Returns a report."""
@@ -79,23 +64,15 @@ def write_sampled_text(src: str, out, options: SampleOptions | None = None, **ov
     for name in ("sequences", "length", "batch_size"):
         if getattr(options, name) < 1:
             raise UpcycleError(f"--{name.replace('_', '-')} is {getattr(options, name)}: it must be at least 1.")
-    out = check_text_output(out, options.force)
+    check_output(out, options.force, is_file=True)  # before any model work
     config = read_source_config(src, options.gguf_file)
     tokenizer = read_source_tokenizer(src, options.gguf_file)
     if tokenizer is None:
         raise UpcycleError(f"{src} has no tokenizer: sampling text needs one (add its tokenizer files).")
     model = read_source_weights(src, options.gguf_file, config)
     texts = sample_source_text(model, tokenizer, options.sequences, options.length, options.batch_size, options.seed)
-    # Written beside OUT and renamed into place: an interrupted run leaves no half-written file.
-    descriptor, partial = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.partial-")
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            file.write("\n\n".join(texts))
-        os.chmod(partial, 0o644)  # mkstemp's 0600 is for secrets; this is a data file
-        os.replace(partial, out)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
+    with staged_file(out, options.force) as partial:  # an interrupted run leaves no half-written file
+        partial.write_text("\n\n".join(texts))
     report = {"sequences": len(texts), "tokens per sequence": options.length, "characters": sum(map(len, texts))}
     print(f"wrote {out}: {report['sequences']} sequences of {options.length} sampled tokens, "
           f"{report['characters']} characters")

@@ -1,8 +1,9 @@
-"""Safe writing of output folders: never a half-written OUT, never an overwrite without `--force`.
+"""Safe writing of output folders and files: never a half-written OUT, never an overwrite without `--force`.
 
 Everything is written into a hidden staging folder beside OUT (`.OUT.partial-XXXX`), which is renamed into place
 only when complete; on any failure, interruption included, the staging folder is removed and an existing OUT is
 left as it was. With `--force`, the old OUT is removed only after the new one is in place.
+A single output file (`staged_file`) is written the same way, as a hidden `.OUT.partial-XXXX` file beside it.
 """
 
 import contextlib
@@ -15,12 +16,15 @@ from pathlib import Path
 from .errors import UpcycleError
 
 
-def check_output(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse an existing OUT without `force`, and an OUT whose parent cannot be written, before any work."""
+def check_output(out: str | os.PathLike, force: bool, is_file: bool = False) -> Path:
+    """Refuse an existing OUT without `force`, an OUT of the wrong kind (a file where a folder is written, or the
+    reverse with `is_file`), and an OUT whose parent cannot be written, before any work."""
     out = Path(out)
+    if is_file and out.is_dir():
+        raise UpcycleError(f"{out} is a folder: OUT is the file to write; name a file.")
     if out.exists() and not force:
         raise UpcycleError(f"{out} already exists: choose another OUT or pass --force to replace it.")
-    if out.exists() and not out.is_dir():
+    if out.exists() and not is_file and not out.is_dir():
         raise UpcycleError(f"{out} exists and is not a folder: choose another OUT.")
     parent = out.parent
     try:
@@ -50,6 +54,29 @@ def staged_output(out: str | os.PathLike, force: bool):
         raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def staged_file(out: str | os.PathLike, force: bool):
+    """`with staged_file(OUT, force) as partial: write the file partial` -> OUT is exactly that file, or untouched."""
+    out = check_output(out, force, is_file=True)
+    try:
+        descriptor, partial = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
+    except OSError as error:
+        raise UpcycleError(f"cannot write into {out.parent} ({error.strerror}): choose another OUT.") from None
+    os.close(descriptor)
+    os.chmod(partial, 0o644)  # mkstemp's 0600 is for secrets; this is a data file
+    try:
+        yield Path(partial)
+        os.replace(partial, out)
+    except OSError as error:
+        Path(partial).unlink(missing_ok=True)
+        if error.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+            raise UpcycleError(f"could not write {out} ({error.strerror}): free space or choose another OUT.") from None
+        raise
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
         raise
 
 

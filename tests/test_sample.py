@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import char_tokenizer
-from convert import sample
+from convert import sample, staging
 from convert.errors import UpcycleError
 from convert.sample import write_sampled_text
 
@@ -94,7 +94,7 @@ def test_an_interrupted_write_leaves_no_file(tiny_source, tmp_path, monkeypatch)
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sample.os, "replace", interrupted)
+    monkeypatch.setattr(staging.os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_sampled_text(str(source), tmp_path / "out.txt", sequences=2, length=3)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["source"]
