@@ -4,8 +4,9 @@
     gqe-upcycle SRC OUT --mode sparse --calibration-data sampled.txt [your own text ...]
 
 Each sequence starts from one token drawn uniformly from the tokenizer's vocabulary (special tokens excluded), then
-is sampled at temperature 1 with no top-k or top-p, never stopping early: text that follows the model's own
-distribution over everything it was trained on (the idea of LLM-QAT's data-free distillation). Calibrating on it
+is sampled (by default at temperature 1 with no top-k or top-p), never stopping early: text that follows the model's
+own distribution over everything it was trained on (the idea of LLM-QAT's data-free distillation). `--top-p` and
+`--temperature` cut the distribution's tail, for text closer to what the model finds likely. Calibrating on it
 keeps a conversion good on kinds of text no calibration file holds (bench/RESULTS.md, "Text sampled from the
 source itself"). Sequences are separated by blank lines (the text may hold blank lines of its own); special tokens
 are left out of the decoded text. The same seed gives the same text on the same machine and library versions.
@@ -30,10 +31,13 @@ class SampleOptions:
     length: int = option(512, "tokens sampled per sequence (after the first, drawn from the vocabulary)")
     batch_size: int = option(32, "sequences sampled together")
     seed: int = option(0, "sampling seed")
+    temperature: float = option(1.0, "sampling temperature (1: the model's own distribution)")
+    top_p: float = option(1.0, "nucleus sampling: keep the most likely tokens up to this probability (1: all)")
     force: bool = option(False, "replace OUT if it exists")
 
 
-def sample_source_text(model, tokenizer, sequences: int, length: int, batch_size: int = 32, seed: int = 0) -> list[str]:
+def sample_source_text(model, tokenizer, sequences: int, length: int, batch_size: int = 32, seed: int = 0,
+                       temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
     """`sequences` texts of `length` sampled tokens each, from `model` (a causal LM in eval mode). Seeds torch's
     global generator with `seed`, which both the first tokens and generate() draw from."""
     torch.manual_seed(seed)
@@ -48,8 +52,8 @@ def sample_source_text(model, tokenizer, sequences: int, length: int, batch_size
             prompt = first_tokens[torch.randint(len(first_tokens), (batch, 1))]
             with torch.no_grad():
                 sampled = model.generate(
-                    prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0,
-                    top_p=1.0, max_new_tokens=length, min_new_tokens=length, eos_token_id=None,
+                    prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=temperature, top_k=0,
+                    top_p=top_p, max_new_tokens=length, min_new_tokens=length, eos_token_id=None,
                     pad_token_id=tokenizer.pad_token_id or 0,
                 )
             texts += tokenizer.batch_decode(sampled, skip_special_tokens=True)
@@ -64,16 +68,23 @@ def write_sampled_text(src: str, out, options: SampleOptions | None = None, **ov
     for name in ("sequences", "length", "batch_size"):
         if getattr(options, name) < 1:
             raise UpcycleError(f"--{name.replace('_', '-')} is {getattr(options, name)}: it must be at least 1.")
+    if not options.temperature > 0:
+        raise UpcycleError(f"--temperature is {options.temperature}: it must be above 0 (1 samples the model's own "
+                           "distribution; lower values sharpen it).")
+    if not 0 < options.top_p <= 1:
+        raise UpcycleError(f"--top-p is {options.top_p}: it must be above 0 and at most 1 (1 keeps every token).")
     check_output(out, options.force, is_file=True)  # before any model work
     config = read_source_config(src, options.gguf_file)
     tokenizer = read_source_tokenizer(src, options.gguf_file)
     if tokenizer is None:
         raise UpcycleError(f"{src} has no tokenizer: sampling text needs one (add its tokenizer files).")
     model = read_source_weights(src, options.gguf_file, config)
-    texts = sample_source_text(model, tokenizer, options.sequences, options.length, options.batch_size, options.seed)
+    texts = sample_source_text(model, tokenizer, options.sequences, options.length, options.batch_size, options.seed,
+                               options.temperature, options.top_p)
     with staged_file(out, options.force) as partial:  # an interrupted run leaves no half-written file
         partial.write_text("\n\n".join(texts))
-    report = {"sequences": len(texts), "tokens per sequence": options.length, "characters": sum(map(len, texts))}
+    report = {"sequences": len(texts), "tokens per sequence": options.length, "characters": sum(map(len, texts)),
+              "temperature": options.temperature, "top_p": options.top_p}
     print(f"wrote {out}: {report['sequences']} sequences of {options.length} sampled tokens, "
           f"{report['characters']} characters")
     return report

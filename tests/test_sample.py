@@ -66,6 +66,30 @@ def test_first_tokens_come_from_the_tokenizer_never_special(tiny_source, tmp_pat
     assert len((tmp_path / "a.txt").read_text()) <= 3 * 13 + 2 * 2
 
 
+def test_a_tiny_top_p_samples_the_most_likely_token(tiny_source, tmp_path, monkeypatch):
+    """Nucleus sampling keeps the fewest tokens whose probability reaches top_p, at least one: a tiny top_p leaves
+    only the most likely, so the text is greedy decoding's from the same first tokens."""
+    source, tokenizer = tiny_source
+    prompts = []
+    generate = LlamaForCausalLM.generate
+
+    def recording_generate(self, input_ids, **kwargs):
+        prompts.append((self, input_ids))
+        return generate(self, input_ids, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", recording_generate)
+    assert sample.main([str(source), str(tmp_path / "nucleus.txt"), *SMALL, "--top-p", "1e-6"]) == 0
+    assert sample.main([str(source), str(tmp_path / "full.txt"), *SMALL]) == 0
+    greedy = []
+    for model, prompt in prompts[:2]:  # the --top-p run's two batches
+        with torch.no_grad():
+            tokens = generate(model, prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=12,
+                              min_new_tokens=12, eos_token_id=None, pad_token_id=0)
+        greedy += tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    assert (tmp_path / "nucleus.txt").read_text() == "\n\n".join(greedy)
+    assert (tmp_path / "full.txt").read_text() != (tmp_path / "nucleus.txt").read_text()  # same seed, same first tokens
+
+
 def test_bad_requests_are_refused_before_any_model_work(tiny_source, tmp_path, capsys):
     source, _ = tiny_source
     (tmp_path / "bare").mkdir()
@@ -76,6 +100,10 @@ def test_bad_requests_are_refused_before_any_model_work(tiny_source, tmp_path, c
 
     with pytest.raises(UpcycleError, match="--length is 0: it must be at least 1"):
         write_sampled_text(str(source), tmp_path / "x.txt", length=0)
+    with pytest.raises(UpcycleError, match="--temperature is 0: it must be above 0"):
+        write_sampled_text(str(source), tmp_path / "x.txt", temperature=0)
+    with pytest.raises(UpcycleError, match="--top-p is 1.5: it must be above 0 and at most 1"):
+        write_sampled_text(str(source), tmp_path / "x.txt", top_p=1.5)
     with pytest.raises(UpcycleError, match="is a folder"):
         write_sampled_text(str(source), tmp_path, sequences=1, length=2)
 
@@ -103,4 +131,5 @@ def test_an_interrupted_write_leaves_no_file(tiny_source, tmp_path, monkeypatch)
 def test_console_script_is_installed():
     result = subprocess.run(["gqe-sample-text", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    assert all(option in result.stdout for option in ("--sequences", "--length", "--seed", "--force"))
+    options = ("--sequences", "--length", "--seed", "--temperature", "--top-p", "--force")
+    assert all(option in result.stdout for option in options)
