@@ -5,11 +5,13 @@
 
 Each sequence starts from one token drawn uniformly from the tokenizer's vocabulary (special tokens excluded), then
 is sampled (by default at temperature 1 with no top-k or top-p), never stopping early: text that follows the model's
-own distribution over everything it was trained on (the idea of LLM-QAT's data-free distillation). `--top-p` and
-`--temperature` cut the distribution's tail, for text closer to what the model finds likely. Calibrating on it
-keeps a conversion good on kinds of text no calibration file holds (bench/RESULTS.md, "Text sampled from the
-source itself"). Sequences are separated by blank lines (the text may hold blank lines of its own); special tokens
-are left out of the decoded text. The same seed gives the same text on the same machine and library versions.
+own distribution over everything it was trained on (the idea of LLM-QAT's data-free distillation). `--top-p` and a
+`--temperature` below 1 cut the distribution's tail, one above 1 widens it; as calibration text, top-p 0.9 and
+temperature 1.1 both did worse than the defaults on every unseen domain (bench/RESULTS.md, "Sampling closer to the
+model's likeliest text", "A hotter sample"). Calibrating on it keeps a conversion good on kinds of text no
+calibration file holds (bench/RESULTS.md, "Text sampled from the source itself"). Sequences are separated by blank
+lines (the text may hold blank lines of its own); special tokens are left out of the decoded text. The same seed
+gives the same text on the same machine and library versions.
 """
 
 import sys
