@@ -9,13 +9,23 @@ average's (the mean over tasks, as gqe-eval's "zero-shot average"), each with it
 
     python bench/bench_zero_shot_gap.py CANDIDATE [CANDIDATE ...] [--tasks piqa arc_easy hellaswag] [--limit 0]
     python bench/bench_zero_shot_gap.py CANDIDATE --baseline FOLDER [--baseline-gguf-file NAME]
+    python bench/bench_zero_shot_gap.py CANDIDATE ... --scores bench/results/zero_shot_scores.json
 
 --limit 0 scores every example of each task's validation split (PIQA 1838, ARC-Easy 570, HellaSwag 10042).
+--scores keeps every checkpoint's per-example scores in a file, keyed by a hash of the weights as loaded and the
+library versions, so a checkpoint scored once (15-25 minutes on 2 CPU cores) is paired with any other later
+without being scored again.
 """
 
 import argparse
+import hashlib
+import json
 import math
 import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
 
 import common  # noqa: F401  (puts the repository on sys.path when run from a checkout)
 from common import report
@@ -25,9 +35,61 @@ from convert.resources import SMOLLM2_GGUF, smollm2_folder
 from convert.sources import load_checkpoint
 
 
-def scores_per_example(checkpoint: str, gguf_file: str | None, tasks: list[str], limit: int | None) -> dict[str, dict]:
+def weights_fingerprint(model) -> str:
+    """sha256 of the weights as scored (names, dtypes, shapes, values after loading): the same model read from a
+    GGUF file or a folder, or copied elsewhere, has the same fingerprint; a model one weight apart does not."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def scoring_versions() -> dict[str, str]:
+    # A score depends on the libraries that compute it as well as on the weights.
+    return {package: version(package) for package in ("torch", "transformers", "lm_eval")}
+
+
+def cached_scores(model, tasks: list[str], limit: int | None, score, cache: dict, checkpoint: str) -> dict[str, dict]:
+    """Each task's per-example acc_norm of `model`: from `cache` where an entry for the same weights and versions
+    holds at least the first `limit` examples (None: all), else from `score(tasks) -> zero_shot(...)` for the tasks
+    missing, which are then added to `cache` (a dict with an "entries" list, as the --scores file holds)."""
+    key = {"weights": weights_fingerprint(model), "versions": scoring_versions()}
+    results, missing = {}, []
+    for task in tasks:
+        for entry in cache.setdefault("entries", []):
+            covers = entry["limit"] is None or (limit is not None and entry["limit"] >= limit)
+            if covers and entry["task"] == task and {k: entry[k] for k in key} == key:
+                values = entry["acc_norm_per_example"][:limit]
+                results[task] = {"acc_norm": sum(values) / len(values), "acc_norm_per_example": values}
+                break
+        else:
+            missing.append(task)
+    if missing:
+        for task, result in score(missing).items():
+            results[task] = result
+            cache["entries"].append({**key, "checkpoint": checkpoint, "task": task, "limit": limit,
+                                     "acc_norm_per_example": result["acc_norm_per_example"]})
+    return results
+
+
+def scores_per_example(checkpoint: str, gguf_file: str | None, tasks: list[str], limit: int | None,
+                       scores_path: str | None = None) -> dict[str, dict]:
     model, tokenizer = load_checkpoint(checkpoint, gguf_file)
-    return zero_shot(model, tokenizer, tasks, limit, per_example=True)
+
+    def score(missing: list[str]) -> dict[str, dict]:
+        return zero_shot(model, tokenizer, missing, limit, per_example=True)
+
+    if scores_path is None:
+        return score(tasks)
+    path = Path(scores_path)
+    cache = json.loads(path.read_text()) if path.exists() else {"entries": []}
+    results = cached_scores(model, tasks, limit, score, cache, checkpoint)
+    # Written after each checkpoint (so an interrupted run keeps what it scored), whole or not at all.
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(cache))
+    partial.replace(path)
+    return results
 
 
 def gap_rows(name: str, baseline: dict[str, dict], candidate: dict[str, dict], tasks: list[str]) -> list[dict]:
@@ -61,6 +123,8 @@ def main():
     parser.add_argument("--tasks", nargs="+", default=["piqa", "arc_easy", "hellaswag"], choices=list(TASKS))
     parser.add_argument("--limit", type=int, default=1000, help="examples per task, the first ones (0: all)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--scores", help="a file of per-example scores: read to skip checkpoints scored before, "
+                                         "written with those scored now")
     args = parser.parse_args()
 
     baseline_path, baseline_gguf = args.baseline, args.baseline_gguf_file
@@ -68,12 +132,13 @@ def main():
         baseline_path, baseline_gguf = str(smollm2_folder()), SMOLLM2_GGUF
     limit = args.limit or None
     start = time.time()
-    baseline = scores_per_example(baseline_path, baseline_gguf, args.tasks, limit)
+    baseline = scores_per_example(baseline_path, baseline_gguf, args.tasks, limit, args.scores)
     minutes = [(time.time() - start) / 60]
     rows = []
     for candidate in args.candidates:
         start = time.time()
-        rows += gap_rows(candidate, baseline, scores_per_example(candidate, None, args.tasks, limit), args.tasks)
+        rows += gap_rows(candidate, baseline, scores_per_example(candidate, None, args.tasks, limit, args.scores),
+                        args.tasks)
         minutes.append((time.time() - start) / 60)
 
     columns = ["candidate", "task", "examples", "baseline", "candidate score", "score stderr", "gap",
