@@ -22,7 +22,7 @@ import hashlib
 import json
 import math
 import time
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -45,9 +45,16 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def scoring_versions() -> dict[str, str]:
-    # A score depends on the libraries that compute it as well as on the weights.
-    return {package: version(package) for package in ("torch", "transformers", "lm_eval")}
+def scoring_versions() -> dict[str, str | None]:
+    # A score depends on the libraries that compute it as well as on the weights. (None: not installed; lm-eval is
+    # needed only to score, not to reuse.)
+    versions = {}
+    for package in ("torch", "transformers", "lm_eval"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 def cached_scores(model, tasks: list[str], limit: int | None, score, cache: dict, checkpoint: str) -> dict[str, dict]:
