@@ -60,7 +60,9 @@ def scoring_versions() -> dict[str, str | None]:
 def cached_scores(model, tasks: list[str], limit: int | None, score, cache: dict, checkpoint: str) -> dict[str, dict]:
     """Each task's per-example acc_norm of `model`: from `cache` where an entry for the same weights and versions
     holds at least the first `limit` examples (None: all), else from `score(tasks) -> zero_shot(...)` for the tasks
-    missing, which are then added to `cache` (a dict with an "entries" list, as the --scores file holds)."""
+    missing, which are then added to `cache` (a dict with an "entries" list, as the --scores file holds).
+    The key does not cover convert/evaluate.py's task wrapper (`local_task_configs`): if that changes, start a new
+    file."""
     key = {"weights": weights_fingerprint(model), "versions": scoring_versions()}
     results, missing = {}, []
     for task in tasks:
