@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import tiny_model
+from conftest import skip_unless_llama_can, tiny_model
 
 
 def rope(x: torch.Tensor, position: int, theta: float) -> torch.Tensor:
@@ -109,6 +109,8 @@ CASES = list(
 
 @pytest.mark.parametrize("variant,routing,backend,padded", CASES)
 def test_packed_layer_matches_naive_reference(variant, routing, backend, padded):
+    if backend == "flex_attention":
+        skip_unless_llama_can("flex_attention")
     model = tiny_model(
         seed=3, attn_implementation=backend, gqe_variant=variant, expert_routing=routing, num_experts_per_tok=2,
         attention_bias=True,
@@ -149,6 +151,8 @@ def test_unselected_experts_are_never_attended(backend, variant, k, monkeypatch)
     """The backend receives exactly G*k routed query heads, plus the shared head: with k = 1 in the same call
     (G + 1 query heads on G + 1 KV heads, the last KV head being the mean over groups), with k > 1 in a call of
     its own on that mean head."""
+    if backend == "flex_attention":
+        skip_unless_llama_can("flex_attention")
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     model = tiny_model(attn_implementation=backend, num_experts_per_tok=k, gqe_variant=variant)

@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, pipeline
 
-from conftest import byte_blocks, char_tokenizer, setting_model, tiny_model
+from conftest import byte_blocks, char_tokenizer, setting_model, skip_unless_llama_can, tiny_model
 from modeling_gqe import GQEForCausalLM
 
 
@@ -102,6 +102,7 @@ def test_device_map_with_a_layer_offloaded_to_disk_gives_the_same_logits_and_tok
 
 @pytest.mark.parametrize("setting", COMPILED_SETTINGS, ids=COMPILED_IDS)
 def test_torch_compile_fullgraph_forward_gives_the_same_logits(setting):
+    skip_unless_llama_can("compile_fullgraph")
     model = setting_model(setting)
     input_ids = torch.randint(3, 97, (2, 12))
     mask = torch.ones_like(input_ids)
@@ -118,6 +119,7 @@ def test_torch_compile_fullgraph_forward_gives_the_same_logits(setting):
 def test_static_cache_generation_with_a_compiled_forward(setting):
     """generate(cache_implementation="static") with `model.forward` compiled (fullgraph): the same tokens as eager
     generation, through a compiled prefill and compiled one-token decode steps."""
+    skip_unless_llama_can("compile_fullgraph")
     model = setting_model(setting, eos_token_id=None)
     input_ids = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
