@@ -41,6 +41,20 @@ class SourceAttention:
         )
 
 
+def unfilled_gqe_model(config: GQEConfig) -> GQEForCausalLM:
+    """A GQE model whose weights are all about to be copied from the source or fitted, built without random
+    initialisation (which would be thrown away, and for a large source costs minutes on the CPU). Its parameters are
+    zeroed, so a weight the conversion did not set is a visible zero, never leftover memory."""
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = GQEForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+    return model.eval()
+
+
 def gqe_config_from_source(source_config, **gqe_fields) -> GQEConfig:
     family = family_of(source_config)
     return GQEConfig(
@@ -104,7 +118,7 @@ def build_exact(source, copies: int, noise: float, seed: int) -> GQEForCausalLM:
     config = gqe_config_from_source(
         src, num_attention_heads=H * copies, num_experts_per_tok=r, expert_routing="partitioned", gqe_variant="gqe"
     )
-    model = GQEForCausalLM(config).eval()
+    model = unfilled_gqe_model(config)
     weights = llama_named_state_dict(source)
     copy_shared_weights(weights, model)
     d, M = config.head_dim, config.num_experts_per_group
@@ -258,7 +272,7 @@ def build_sparse_initial(source, top_k: int) -> GQEForCausalLM:
         src, num_attention_heads=G * top_k * width, num_experts_per_tok=top_k, expert_routing="partitioned",
         gqe_variant="gqe",
     )
-    model = GQEForCausalLM(config).eval()
+    model = unfilled_gqe_model(config)
     weights = llama_named_state_dict(source)
     copy_shared_weights(weights, model)
     blocks = [sparse_blocks(list(range(r)), top_k) for _ in range(G)]

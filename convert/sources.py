@@ -72,12 +72,18 @@ def read_source_config(src: str, gguf_file: str | None = None):
     from transformers import AutoConfig
 
     folder = _check_location(src, gguf_file)
-    if folder is not None:
-        _check_weight_files(folder, gguf_file)
+    if folder is not None and gguf_file is None:
+        _check_weight_files(folder, None)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(src, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
+    except Exception as error:
+        if folder is not None and gguf_file is not None:
+            # Reading a GGUF config parses the whole file, so its check runs only when that fails (checking first
+            # would parse it twice); a truncated or corrupt file is then named as such.
+            _check_weight_files(folder, gguf_file)
+        if not isinstance(error, (OSError, ValueError, KeyError)):
+            raise
         where = f"{folder / (gguf_file or 'config.json')}" if folder is not None else f"{src} (hub)"
         raise UpcycleError(f"cannot read the config of {where}: {_first_line(error)}") from None
     family_of(config)
@@ -161,9 +167,12 @@ def as_plain_model(model: torch.nn.Module) -> torch.nn.Module:
     """A GGUF-loaded model holds plain fp32 weights (transformers dequantises them) but keeps a "quantized" flag,
     which makes Trainer refuse to train it and `.to(dtype)` refuse to cast it. This returns an unflagged model of
     the same class with the same weights (the model itself when it has no flag)."""
+    from transformers.initialization import no_init_weights
+
     if not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None:
         return model
-    plain = type(model)(model.config)
+    with no_init_weights():  # every weight comes from the state dict below (strict)
+        plain = type(model)(model.config)
     plain.load_state_dict(model.state_dict())
     return plain.to(next(model.parameters()).dtype).eval()
 

@@ -112,13 +112,12 @@ def check_exact(source, folder, check_ids: torch.Tensor, tolerance: float = 1e-4
 
     The pass/fail figure is computed in float64, where only the conversion itself could make a difference.
     The float32 figure is printed too: it is reassociation noise of the same size as switching the source's
-    own attention backend (o_proj has two more, zero, slots, so its matmul sums in another order)."""
-    import copy
-
+    own attention backend (o_proj has two more, zero, slots, so its matmul sums in another order).
+    The source is left in float64: the conversion is done with it, and a copy would cost a model's memory."""
     reloaded = GQEForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     fp32 = max_logit_difference(source, reloaded, check_ids)
-    # A float64 copy through nn.Module: GGUF sources are flagged as quantized and refuse in-place dtype changes.
-    fp64 = max_logit_difference(torch.nn.Module.double(copy.deepcopy(source)), reloaded.double(), check_ids)
+    # Through nn.Module: GGUF sources are flagged as quantized, and their own `.double()` refuses.
+    fp64 = max_logit_difference(torch.nn.Module.double(source), reloaded.double(), check_ids)
     print(f"exact check on {check_ids.shape[0]} sequences of {check_ids.shape[1]} tokens: max abs logit difference "
           f"{fp64:.2e} in float64, {fp32:.2e} in float32")
     if fp64 > tolerance:

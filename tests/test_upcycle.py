@@ -282,6 +282,23 @@ def test_console_script_is_installed():
 # ------------------------------------------------------------------------------------- real SmolLM2-135M GGUF
 
 
+def test_smollm2_gguf_cut_short_in_its_tensors_is_named_before_any_output(tmp_path, capsys):
+    """Half of the real file: its metadata reads, its tensors do not. The config read fails on it (the GGUF file is
+    checked only then, not parsed twice) and the error names the file as truncated."""
+    from convert.resources import SMOLLM2_GGUF, smollm2_folder
+
+    whole = (smollm2_folder() / SMOLLM2_GGUF).read_bytes()
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "model.gguf").write_bytes(whole[: len(whole) // 2])
+    assert main([str(cut), str(tmp_path / "out"), "--mode", "exact", "--gguf-file", "model.gguf"]) == 2
+    err = capsys.readouterr().err
+    last_line = err.rstrip("\n").rsplit("\n", 1)[-1]
+    assert last_line.startswith("gqe-upcycle: error: ") and "Traceback" not in err, err
+    assert "cut/model.gguf is not a readable GGUF file" in last_line and "truncated or corrupt" in last_line
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def wikitext_ids(smollm2_source):
     _, tokenizer = smollm2_source
@@ -371,6 +388,39 @@ def test_unknown_block_layout_is_refused(sources, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_weight_of_a_converted_model_is_set_by_the_conversion(family, monkeypatch):
+    """The GQE model is built without random initialisation (`layout.unfilled_gqe_model`: zeros), since the
+    conversion sets every weight. Built instead on a model whose every weight is random, exact and calibrated
+    sparse conversions come out the same to the bit: no weight keeps what it was built with."""
+    from convert import layout
+    from convert.fit import calibrate_sparse
+
+    source = build_source(family)
+    fit_ids = torch.randint(0, TINY["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(0))
+
+    def convert():
+        exact = layout.build_exact(source, copies=2, noise=0.0, seed=0)
+        sparse = layout.build_sparse_initial(source, 2)
+        calibrate_sparse(source, sparse, fit_ids)
+        return exact.state_dict(), sparse.state_dict()
+
+    from_zeros = convert()
+
+    def random_model(config):
+        model = layout.GQEForCausalLM(config).eval()
+        with torch.no_grad():
+            for parameter in model.parameters():  # routers and norms too, which initialise to constants
+                parameter.normal_(generator=torch.Generator().manual_seed(parameter.numel()))
+        return model
+
+    monkeypatch.setattr(layout, "unfilled_gqe_model", random_model)
+    for expected, actual in zip(from_zeros, convert()):
+        assert expected.keys() == actual.keys()
+        for name in expected:
+            torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+
+
 def test_calibration_reports_the_source_head_of_every_expert():
     """calibrate_sparse returns, per layer, the source head each expert copies: its q_proj rows are that head's,
     the head belongs to the expert's group, and every head of the group has an expert."""
@@ -392,3 +442,22 @@ def test_calibration_reports_the_source_head_of_every_expert():
         for g in range(G):
             assert set(heads[g * M : (g + 1) * M].tolist()) == set(range(g * r, (g + 1) * r))
 
+
+
+def test_smollm2_gguf_source_becomes_a_plain_model_with_the_same_weights(smollm2_source):
+    """GGUF-loaded models carry a quantized flag (Trainer refuses them, `.to(dtype)` refuses to cast them);
+    `as_plain_model` builds an unflagged model, without random initialisation, holding every weight to the bit."""
+    from convert.sources import as_plain_model
+
+    source, _ = smollm2_source
+    assert source.is_quantized
+    plain = as_plain_model(source)
+    assert not getattr(plain, "is_quantized", False) and type(plain) is type(source)
+    expected, actual = source.state_dict(), plain.state_dict()
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    input_ids = torch.randint(0, source.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids).logits, source(input_ids).logits, rtol=0, atol=0)
+    assert plain.to(torch.bfloat16).dtype == torch.bfloat16
