@@ -9,7 +9,11 @@ the per-pair ratios Llama time / GQE time, on three levels:
 - attention: the whole attention module (projections, RoPE, router, gather, the attention call, slots, o_proj);
   its FLOP ceiling is lower, since the K/V/Q projections are nearly the same in both (column "FLOP ceiling"),
 - model: a whole small model (--model-layers layers, up to --model-max-length tokens).
-Then a profile of one GQE attention prefill showing where its time goes.
+On a GPU the attention module is also timed replayed from a CUDA graph ("graphed" columns): a module of a few
+dozen small ops launched one by one from Python is bound by the launches at short lengths, which a serving stack
+(CUDA graphs, compiled generate) does not pay; the graphed time is the GPU's own.
+Then a profile of one GQE attention prefill showing where its time goes (on a GPU: the kernels' time per op, for
+both modules).
 
     python bench/bench_prefill.py                       # CPU, fp32, 1k to 16k
     python bench/bench_prefill.py --device cuda --dtype bfloat16 --lengths 4096 8192 16384 32768 \
@@ -109,6 +113,57 @@ def compare_attention(gqe, llama, length, device, dtype, repeats) -> tuple[float
     )
 
 
+def graph_replay(fn, replays: int = 10):
+    """`fn` captured in a CUDA graph (after warm-up runs on a side stream, as capture requires); returns a function
+    replaying it `replays` times, so that one timed sample is well above the timer's resolution."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        fn()
+
+    def replay():
+        for _ in range(replays):
+            graph.replay()
+
+    return replay
+
+
+@torch.no_grad()
+def compare_graphed_attention(gqe, llama, length, device, dtype, repeats) -> tuple[float, float, float]:
+    """As `compare_attention`, each module replayed from a CUDA graph: seconds per forward."""
+    gqe_attention, llama_attention = gqe.model.layers[0].self_attn, llama.model.layers[0].self_attn
+    hidden, position_embeddings = attention_inputs(gqe, length, device, dtype)
+    replays = 10
+    gqe_s, llama_s, ratio = compare(
+        graph_replay(lambda: gqe_attention(hidden, position_embeddings), replays),
+        graph_replay(lambda: llama_attention(hidden, position_embeddings), replays),
+        device, repeats,
+    )
+    return gqe_s / replays, llama_s / replays, ratio
+
+
+def profile_kernels(attention, hidden, position_embeddings, top: int = 8) -> str:
+    """GPU kernel time of one attention forward, in total and per aten op (the `top` largest), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        attention(hidden, position_embeddings)  # warm-up at this shape
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            attention(hidden, position_embeddings)
+            torch.cuda.synchronize()
+    ops = [event for event in prof.key_averages() if event.key.startswith("aten::") and event.self_device_time_total > 0]
+    total = sum(event.self_device_time_total for event in ops)
+    largest = sorted(ops, key=lambda event: -event.self_device_time_total)[:top]
+    return f"{total:.0f} us in kernels: " + ", ".join(
+        f"{event.key[6:]} {event.self_device_time_total:.0f} ({event.count}x)" for event in largest)
+
+
 def profile_attention(attention, hidden, position_embeddings) -> dict[str, float]:
     """Share of one GQE attention prefill spent in each piece, from torch.profiler's CPU op times."""
     from torch.profiler import ProfilerActivity, profile
@@ -168,6 +223,13 @@ def main():
             gqe_s, llama_s, ratio = compare_attention(gqe, llama, length, device, dtype, args.repeats)
             row.update({"attention GQE ms": gqe_s * 1e3, "attention Llama ms": llama_s * 1e3,
                         "attention speed-up": ratio, "attention FLOP ceiling": module_flop_ceiling(length)})
+            if device.type == "cuda":
+                try:  # reported, not fatal: the other columns stand without it
+                    gqe_s, llama_s, ratio = compare_graphed_attention(gqe, llama, length, device, dtype, args.repeats)
+                    row.update({"graphed attention GQE ms": gqe_s * 1e3, "graphed attention Llama ms": llama_s * 1e3,
+                                "graphed attention speed-up": ratio})
+                except Exception as error:
+                    notes.append(f"CUDA-graph timing at {length} tokens failed: {type(error).__name__}: {error}")
             if not args.skip_model and length <= args.model_max_length:
                 input_ids = torch.randint(0, PAPER_SHAPE["vocab_size"], (1, length), device=device)
                 with torch.no_grad():
@@ -185,10 +247,21 @@ def main():
                 shares = profile_attention(gqe.model.layers[0].self_attn, hidden, position_embeddings)
                 notes.append(f"Where one GQE attention prefill spends its time ({backend}, {length} tokens): "
                              + ", ".join(f"{bucket} {share:.1%}" for bucket, share in shares.items()))
+        else:
+            for length in (args.lengths[0], args.lengths[-1]):
+                hidden, position_embeddings = attention_inputs(gqe, length, device, dtype)
+                for name, model in (("GQE", gqe), ("Llama", llama)):
+                    try:
+                        profiled = profile_kernels(model.model.layers[0].self_attn, hidden, position_embeddings)
+                    except Exception as error:
+                        profiled = f"profile failed: {type(error).__name__}: {error}"
+                    notes.append(f"{name} attention, {backend}, {length} tokens: {profiled}")
     columns = ["backend", "tokens", "kernel GQE ms", "kernel Llama ms", "kernel speed-up", "attention GQE ms",
                "attention Llama ms", "attention speed-up", "attention FLOP ceiling", "model GQE ms", "model Llama ms",
                "model speed-up"]
-    formats = {column: ".1f" for column in columns if column.endswith(" ms")}
+    if device.type == "cuda":
+        columns[9:9] = ["graphed attention GQE ms", "graphed attention Llama ms", "graphed attention speed-up"]
+    formats = {column: ".2f" for column in columns if column.endswith(" ms")}
     formats.update({column: ".2f" for column in columns if "speed-up" in column or "ceiling" in column})
     report(f"Prefill, paper shape: GQE vs Llama ({args.dtype}, median of {args.repeats} alternating pairs)", columns,
            rows, formats, json_path=args.json, device=device,

@@ -16,6 +16,7 @@
 # Needs torch with CUDA and transformers >= 5.5 (the device image has both); nothing is installed.
 #     bash bench/gpu_checks.sh            # all of it
 #     QUICK=1 bash bench/gpu_checks.sh    # a 1-repeat smoke run at short lengths (also runs on a CPU: DEVICE=cpu)
+#     PHASES="tests prefill" bash bench/gpu_checks.sh   # some phases only (a rerun)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
@@ -48,6 +49,7 @@ fi
 status=0
 phase() {  # phase NAME SECONDS COMMAND...: run it under its time cap, its output teed into $OUT/NAME.log
     local name=$1 seconds=$2; shift 2
+    [[ " ${PHASES:-tests prefill decode static} " == *" $name "* ]] || return 0
     echo "== $name (at most ${seconds} s)" | tee -a "$OUT/environment.txt"
     local start=$SECONDS
     timeout --kill-after=10 "$seconds" "$@" 2>&1 | tee "$OUT/$name.log"
