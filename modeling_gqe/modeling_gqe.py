@@ -178,6 +178,8 @@ def select_experts(router_probs: torch.Tensor, top_k: int, expert_routing: str) 
     blocks and slot j holds the most probable expert of block j.
     """
     if expert_routing == "ranked":
+        if top_k == 1:  # the same pick; top-k over M = 2 took 302 us at 32k tokens on an H200, a max < 50 us
+            return router_probs.max(dim=-1, keepdim=True)
         return torch.topk(router_probs, top_k, dim=-1)
     *lead, num_experts = router_probs.shape
     block = num_experts // top_k
@@ -357,8 +359,10 @@ class GQEAttention(nn.Module):
         slots = [routed_output.reshape(batch, seq_len, G * k * d)]
         if self.has_shared_head:
             # Weighted slot: the router's gradient path from the LM loss. Weights normalised over all G*k picks.
-            weights = (top_probs / top_probs.sum(dim=(-2, -1), keepdim=True)).view(batch, seq_len, 1, G * k)
-            slots.append(torch.matmul(weights.to(routed_output.dtype), routed_output).view(batch, seq_len, d))
+            # An elementwise product and a sum: as a matmul, one tiny [1, G*k] x [G*k, d] product per token is a
+            # batched GEMM that costs a GPU several times more (bench/RESULTS.md).
+            weights = (top_probs / top_probs.sum(dim=(-2, -1), keepdim=True)).view(batch, seq_len, G * k, 1)
+            slots.append((weights.to(routed_output.dtype) * routed_output).sum(dim=2))  # [B, T, d]
             slots.append(attn_output[:, :, G * k])  # shared head
         attn_output = self.o_proj(torch.cat(slots, dim=-1))  # [B, T, D]
         return attn_output, attn_weights
