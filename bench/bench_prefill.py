@@ -247,7 +247,7 @@ def main():
                 shares = profile_attention(gqe.model.layers[0].self_attn, hidden, position_embeddings)
                 notes.append(f"Where one GQE attention prefill spends its time ({backend}, {length} tokens): "
                              + ", ".join(f"{bucket} {share:.1%}" for bucket, share in shares.items()))
-        else:
+        elif device.type == "cuda":
             for length in (args.lengths[0], args.lengths[-1]):
                 hidden, position_embeddings = attention_inputs(gqe, length, device, dtype)
                 for name, model in (("GQE", gqe), ("Llama", llama)):
