@@ -179,6 +179,18 @@ def test_select_experts_partitioned_takes_the_best_of_each_block():
     assert top_index.tolist() == [[1, 2], [2, 3]]
 
 
+def test_select_experts_ranked_k1_is_the_most_probable_expert():
+    # k = 1 takes a max rather than top-k (faster on GPUs): the same probability and expert as torch.topk, including
+    # for the all-equal probabilities of a zero-initialised router (the first expert).
+    probs = torch.randn(3, 5, 4, 8, generator=torch.Generator().manual_seed(0)).softmax(dim=-1)
+    top_probs, top_index = select_experts(probs, 1, "ranked")
+    expected_probs, expected_index = torch.topk(probs, 1, dim=-1)
+    assert top_index.shape == (3, 5, 4, 1)
+    assert torch.equal(top_index, expected_index) and torch.equal(top_probs, expected_probs)
+    uniform = torch.full((2, 3, 4), 0.25)
+    assert select_experts(uniform, 1, "ranked")[1].eq(0).all()
+
+
 def test_sequence_classification_head_uses_the_last_real_token():
     from modeling_gqe import GQEForSequenceClassification
 
