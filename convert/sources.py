@@ -5,6 +5,7 @@ Three steps, so that a conversion can check everything cheap (config, tokenizer,
 `read_source_config` -> `read_source_tokenizer` -> `read_source_weights` (or `load_source` for all three).
 """
 
+import copy
 from pathlib import Path
 
 import torch
@@ -171,8 +172,11 @@ def as_plain_model(model: torch.nn.Module) -> torch.nn.Module:
 
     if not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None:
         return model
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):  # else save_pretrained writes it and the folder claims to be GGUF
+        del config.quantization_config
     with no_init_weights():  # every weight comes from the state dict below (strict)
-        plain = type(model)(model.config)
+        plain = type(model)(config)
     plain.load_state_dict(model.state_dict())
     return plain.to(next(model.parameters()).dtype).eval()
 

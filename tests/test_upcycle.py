@@ -453,6 +453,8 @@ def test_smollm2_gguf_source_becomes_a_plain_model_with_the_same_weights(smollm2
     assert source.is_quantized
     plain = as_plain_model(source)
     assert not getattr(plain, "is_quantized", False) and type(plain) is type(source)
+    # Its config no longer names the GGUF quantizer (a saved copy is a plain folder); the source's still does.
+    assert getattr(plain.config, "quantization_config", None) is None and source.config.quantization_config
     expected, actual = source.state_dict(), plain.state_dict()
     assert expected.keys() == actual.keys()
     for name in expected:
