@@ -91,6 +91,17 @@ def test_exact_mode_reproduces_the_source_after_reload(family, sources, tmp_path
     assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == "modeling_gqe.GQEForCausalLM"
 
 
+def test_only_a_hub_source_becomes_the_cards_base_model(tmp_path, monkeypatch):
+    from convert.upcycle import is_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "smollm2").mkdir(parents=True)
+    assert is_hub_id("HuggingFaceTB/SmolLM2-135M")
+    assert not is_hub_id("outputs/smollm2")  # a local folder that looks like "owner/name"
+    assert not is_hub_id("./outputs/smollm2") and not is_hub_id(str(tmp_path / "outputs" / "smollm2"))
+    assert not is_hub_id("smollm2") and not is_hub_id("a/b/c")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sparse_mode_fits_every_family(family, sources, tmp_path, shakespeare_text):
     """Sparse conversion reads each family through the same table; the fit stays closer to the source than
