@@ -30,6 +30,10 @@ def test_the_main_job_upcycles_smollm2_and_its_exact_conversion_generates_the_so
     sparse = AutoConfig.from_pretrained(tmp_path / "smollm2-gqe-sparse-k2", trust_remote_code=True)
     assert (exact.num_attention_heads, exact.num_experts_per_tok, exact.active_query_heads) == (18, 3, 10)
     assert (sparse.num_attention_heads, sparse.num_experts_per_tok, sparse.active_query_heads) == (12, 2, 7)
+    # Both were converted from the GGUF's dequantised copy, a plain Llama folder (no GGUF quantizer to reload).
+    dense = AutoConfig.from_pretrained(tmp_path / "smollm2-135m-instruct")
+    assert dense.model_type == "llama" and getattr(dense, "quantization_config", None) is None
+    assert (dense.num_attention_heads, dense.num_key_value_heads, dense.num_hidden_layers) == (9, 3, 30)
 
 
 def test_the_main_job_names_a_missing_data_file_before_any_work(tmp_path, capsys):
