@@ -178,18 +178,30 @@ def smollm2_source():
 
 
 @pytest.fixture(scope="session")
-def smollm2_conversions(tmp_path_factory):
+def smollm2_dense_folder(smollm2_source, tmp_path_factory):
+    """SmolLM2-135M's GGUF weights dequantised into a plain Transformers folder, as the main job writes it: reading
+    it takes about a second, parsing the GGUF about 25 (tests that are not about GGUF start from here)."""
+    from convert.sources import as_plain_model
+
+    source, tokenizer = smollm2_source
+    folder = tmp_path_factory.mktemp("smollm2-dense")
+    as_plain_model(source).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_conversions(smollm2_dense_folder, tmp_path_factory):
     """gqe-upcycle of SmolLM2, made once per test session: {"exact": (folder, report), "sparse": (folder, report,
-    calibration text file)}. Sparse: K = 2, 4096 calibration tokens from the first 300k characters of
-    tinyshakespeare."""
+    calibration text file)}. Exact: from the GGUF file itself. Sparse: from its dequantised folder, K = 2, 4096
+    calibration tokens from the first 300k characters of tinyshakespeare."""
     from convert.resources import SMOLLM2_GGUF, smollm2_folder
     from convert.upcycle import upcycle
 
     work = tmp_path_factory.mktemp("smollm2")
-    src = str(smollm2_folder())
-    exact_report = upcycle(src, work / "exact", mode="exact", copies=2, gguf_file=SMOLLM2_GGUF)
+    exact_report = upcycle(str(smollm2_folder()), work / "exact", mode="exact", copies=2, gguf_file=SMOLLM2_GGUF)
     text_file = work / "calibration.txt"
     text_file.write_text((SHARED_DATA / "tinyshakespeare.txt").read_text()[:300_000])
-    sparse_report = upcycle(src, work / "sparse", mode="sparse", top_k=2, calibration_file=str(text_file),
-                            calibration_tokens=4096, held_out_tokens=2048, gguf_file=SMOLLM2_GGUF)
+    sparse_report = upcycle(str(smollm2_dense_folder), work / "sparse", mode="sparse", top_k=2,
+                            calibration_file=str(text_file), calibration_tokens=4096, held_out_tokens=2048)
     return {"exact": (work / "exact", exact_report), "sparse": (work / "sparse", sparse_report, text_file)}

@@ -15,16 +15,15 @@ from convert.sample import write_sampled_text
 SMALL = ["--sequences", "3", "--length", "12", "--batch-size", "2"]
 
 
-def test_smollm2_samples_are_reproducible_and_as_long_as_asked(tmp_path):
+def test_smollm2_samples_are_reproducible_and_as_long_as_asked(smollm2_source, smollm2_dense_folder, tmp_path):
     from convert.resources import SMOLLM2_GGUF, smollm2_folder
-    from convert.sources import read_source_tokenizer
 
-    smollm2 = [str(smollm2_folder()), "--gguf-file", SMOLLM2_GGUF, *SMALL]
-    assert sample.main([smollm2[0], str(tmp_path / "a.txt"), *smollm2[1:]]) == 0
-    assert sample.main([smollm2[0], str(tmp_path / "b.txt"), *smollm2[1:]]) == 0
+    assert sample.main([str(smollm2_folder()), str(tmp_path / "a.txt"), "--gguf-file", SMOLLM2_GGUF, *SMALL]) == 0
+    # The same seed again, from the GGUF's dequantised folder (the same weights and tokenizer): the same text.
+    assert sample.main([str(smollm2_dense_folder), str(tmp_path / "b.txt"), *SMALL]) == 0
     first = (tmp_path / "a.txt").read_text()
-    assert (tmp_path / "b.txt").read_text() == first  # same seed, same text
-    tokenizer = read_source_tokenizer(str(smollm2_folder()), SMOLLM2_GGUF)
+    assert (tmp_path / "b.txt").read_text() == first
+    tokenizer = smollm2_source[1]
     assert not any(token in first for token in tokenizer.all_special_tokens)
     # 3 sequences of 1 + 12 sampled tokens, never stopped early (the text itself may hold blank lines, so the
     # sequences are counted by their tokens); decoding and re-tokenising may merge or split a few.
