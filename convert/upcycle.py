@@ -139,12 +139,6 @@ def exact_check_ids(options: UpcycleOptions, tokenizer, vocab_size: int, length:
     return blocks_of(torch.randint(0, vocab_size, (count * length,), generator=generator), length)
 
 
-def is_hub_id(src: str) -> bool:
-    """Whether SRC names a hub repository ("owner/name") rather than a local folder, which may look the same
-    ("outputs/model"): the model card names a hub source as its base model."""
-    return src.count("/") == 1 and not src.startswith((".", "/")) and not Path(src).exists()
-
-
 def upcycle(src: str, out, options: UpcycleOptions | None = None, **overrides) -> dict:
     """Convert SRC into a GQE checkpoint folder OUT. Options as `UpcycleOptions` and/or keyword overrides
     (an unknown name raises TypeError). Returns a report (also written into the model card and upcycle.json)."""
@@ -210,7 +204,8 @@ def upcycle(src: str, out, options: UpcycleOptions | None = None, **overrides) -
         card = model_card(f"GQE upcycled from `{src}`",
                           "Grouped Query Experts (arXiv 2606.20945) converted with `gqe-upcycle`.", table,
                           tags=["gqe", "grouped-query-experts", "upcycled"],
-                          base_model=src if is_hub_id(src) else None)
+                          # SRC was checked to be a local folder or else a hub id: only a hub id is a base model
+                          base_model=None if Path(src).exists() else src)
         card.save(staging / "README.md")
         (staging / "upcycle.json").write_text(json.dumps({"source": src, **asdict(options), **report}, indent=2))
     print(f"wrote {out}: {config.num_attention_heads} query-head experts, "

@@ -91,15 +91,12 @@ def test_exact_mode_reproduces_the_source_after_reload(family, sources, tmp_path
     assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == "modeling_gqe.GQEForCausalLM"
 
 
-def test_only_a_hub_source_becomes_the_cards_base_model(tmp_path, monkeypatch):
-    from convert.upcycle import is_hub_id
-
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "outputs" / "smollm2").mkdir(parents=True)
-    assert is_hub_id("HuggingFaceTB/SmolLM2-135M")
-    assert not is_hub_id("outputs/smollm2")  # a local folder that looks like "owner/name"
-    assert not is_hub_id("./outputs/smollm2") and not is_hub_id(str(tmp_path / "outputs" / "smollm2"))
-    assert not is_hub_id("smollm2") and not is_hub_id("a/b/c")
+def test_a_local_source_is_not_named_the_cards_base_model(sources, tmp_path, monkeypatch):
+    """A relative folder such as sources/llama looks like a hub id (owner/name) but is not one."""
+    monkeypatch.chdir(sources.parent)
+    upcycle(f"{sources.name}/llama", tmp_path / "gqe", mode="exact", copies=2)
+    card = ModelCard.load(tmp_path / "gqe" / "README.md")
+    assert card.data.base_model is None and f"`{sources.name}/llama`" in card.text
 
 
 @pytest.mark.parametrize("family", FAMILIES)
