@@ -5,7 +5,8 @@ Inside each grouped-query-attention group a router picks, per token, k of the gr
 Only the selected experts' queries are attended: they are packed as k query heads per KV head and
 sent through one call of the configured attention backend (eager, sdpa, flash, flex), exactly like a GQA
 attention with k query heads per group. Keys and values stay dense: the KV cache is GQA's, plus one KV head per
-layer for the "gqe" variant's shared head (the mean over groups of K and V, cached so it is never recomputed).
+layer for the "gqe" variant's shared head (the mean over groups of K and V, cached so it is never recomputed, except
+in caches that transformers sizes from the config ahead of time).
 
 This file is self-contained (imports from `transformers` and `.configuration_gqe` only) so that it can
 travel inside a `trust_remote_code` checkpoint folder.
@@ -26,6 +27,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.generation.continuous_batching import PagedAttentionCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import (
     GenericForQuestionAnswering,
@@ -221,6 +223,39 @@ class GQESharedHeadAttention(nn.Module):
         self.is_causal = True
 
 
+def cache_holds_groups_only(cache, layer_idx: int, num_groups: int) -> bool:
+    """Whether `cache` stores only the G groups' KV heads for this layer, not the "gqe" variant's shared head as
+    head G. Caches that transformers sizes from `config.num_key_value_heads` before the model runs do: continuous
+    batching's paged cache, and a static cache initialised ahead of time (ExecuTorch export, chunked prefill).
+    Caches filled from the model's own keys (dynamic, and static initialised on first use) hold the shared head."""
+    if cache is None:
+        return False
+    if isinstance(cache, PagedAttentionCache):
+        return True
+    layers = getattr(cache, "layers", ())
+    if layer_idx >= len(layers) or not getattr(layers[layer_idx], "is_initialized", False):
+        return False
+    keys = getattr(layers[layer_idx], "keys", None)
+    return keys is not None and keys.dim() == 4 and keys.shape[1] == num_groups  # [B, heads, S, d]
+
+
+# Continuous batching's paged cache takes its read and write indices as arguments up to transformers 5.18 (and returns
+# [S, heads, d]); from 5.19 it reads them from the attention kwargs, like a model's other caches are given them.
+PAGED_CACHE_TAKES_INDICES = "read_index" in inspect.signature(PagedAttentionCache.update).parameters
+
+
+def update_cache(cache, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, kwargs: dict):
+    """Writes this step's keys and values [B, heads, T, d] into `cache` and returns every cached position's,
+    [B, heads, S, d]. `kwargs` are the attention kwargs: the paged cache finds its indices there and, from transformers
+    5.19, fills in the attention backend's arguments; the other caches ignore them."""
+    if PAGED_CACHE_TAKES_INDICES and isinstance(cache, PagedAttentionCache):
+        keys, values = cache.update(
+            key_states, value_states, layer_idx, read_index=kwargs["read_index"], write_index=kwargs["write_index"]
+        )  # [S, heads, d]: one packed sequence
+        return keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0)
+    return cache.update(key_states, value_states, layer_idx, kwargs=kwargs)
+
+
 class GQEAttention(nn.Module):
     """Grouped Query Experts attention (arXiv 2606.20945, Section 3).
 
@@ -232,7 +267,10 @@ class GQEAttention(nn.Module):
     The shared head ("gqe") attends to the mean over groups of the rotated keys and of the values. That mean is
     one more KV head (G + 1 in the cache, computed once per token), so with k = 1 the shared query is simply one
     more head of the same call: G + 1 query heads on G + 1 KV heads. With k > 1 it gets a call of its own in
-    prefill, and joins the routed call (repeated to k heads) when decoding.
+    prefill, and joins the routed call (repeated to k heads) when decoding. Caches that transformers sizes from
+    `config.num_key_value_heads` before the model runs (continuous batching's paged cache, ExecuTorch's static
+    cache) hold the G groups' heads only; with them the mean is taken over the cached keys and values after each
+    read.
 
     Returns the layer's output [B, T, D] and the attention weights where the backend gives them (eager):
     [B, G*k (+1), T, S], one row per attended query head in the order above, the shared head last.
@@ -303,9 +341,11 @@ class GQEAttention(nn.Module):
         # RoPE while heads are the inner dimension: elementwise ops on contiguous tensors are ~3x faster on CPU.
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin, unsqueeze_dim=2)
-        if self.has_shared_head:
-            # The shared head's K/V: the mean over groups of the rotated keys (RoPE rotates every head alike, so
-            # this is the rotated mean key) and of the values, appended as KV head G and cached with the others.
+        # The shared head's K/V: the mean over groups of the rotated keys (RoPE rotates every head alike, so this is
+        # the rotated mean key) and of the values, appended as KV head G and cached with the others; but a cache
+        # sized for G heads before the model ran keeps the groups' heads only, and the mean is taken after reading it.
+        shared_kv_after_cache = self.has_shared_head and cache_holds_groups_only(cache, self.layer_idx, G)
+        if self.has_shared_head and not shared_kv_after_cache:
             key_states = torch.cat([key_states, key_states.mean(dim=2, keepdim=True)], dim=2)
             value_states = torch.cat([value_states, value_states.mean(dim=2, keepdim=True)], dim=2)
         query_states = query_states.transpose(1, 2)  # [B, G*k (+1 shared), T, d]
@@ -313,7 +353,16 @@ class GQEAttention(nn.Module):
         value_states = value_states.transpose(1, 2)
 
         if cache is not None:
-            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+            key_states, value_states = update_cache(cache, key_states, value_states, self.layer_idx, kwargs)
+        if shared_kv_after_cache:
+            if kwargs.get("block_table") is not None:
+                raise NotImplementedError(
+                    "The 'gqe' variant's shared head attends to the mean of the cached keys and values, which a "
+                    "paged cache read through a block table (continuous batching with flash attention) does not "
+                    "return. Load the model with attn_implementation='sdpa' for continuous batching."
+                )
+            key_states = torch.cat([key_states, key_states.mean(dim=1, keepdim=True)], dim=1)  # [B, G + 1, S, d]
+            value_states = torch.cat([value_states, value_states.mean(dim=1, keepdim=True)], dim=1)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward

@@ -57,6 +57,17 @@ def run_models():
                       f"position {int(error.nan_to_num(float('inf')).argmax())} of 14")
                 sys.exit(WRONG_RESULT)
         return
+    if feature == "export":  # transformers' ExecuTorch recipe: torch.export with a static cache
+        from transformers import GenerationConfig
+        from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+        config = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+        model = LlamaForCausalLM(config).eval()
+        model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static",
+                                                   cache_config={"batch_size": 1, "max_cache_len": 16})
+        TorchExportableModuleForDecoderOnlyLM(model).export(input_ids=torch.tensor([[3]]))
+        return
     for heads, kv_heads in ((4, 2), (8, 2), (2, 1), (6, 3)):
         config = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
                              num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=8)
@@ -87,8 +98,8 @@ def llama_cannot(feature: str) -> str | None:
     Older torch builds that pyproject allows lack some features on the CPU. Under torch 2.6, flex attention fails
     to lower through inductor, or aborts the process, once dynamo recompiles it with dynamic shapes (after models
     with several head counts, as a test session makes), and dynamo cannot trace transformers 5.5's output wrappers
-    with fullgraph=True. The probe runs the dense model through the same in a subprocess (a crash there must not
-    take the test session down); a GQE test of the feature is skipped where the dense reference fails
+    with fullgraph=True or torch.export. The probe runs the dense model through the same in a subprocess (a crash
+    there must not take the test session down); a GQE test of the feature is skipped where the dense reference fails
     too, not counted as a GQE failure. CI's main environment sets GQE_REQUIRE_TORCH_FEATURES=1, so there no missing
     feature skips (`skip_where_llama_gets_it_wrong` is the one exception)."""
     return probe_llama(feature)[1]
@@ -97,7 +108,7 @@ def llama_cannot(feature: str) -> str | None:
 @functools.cache
 def probe_llama(feature: str) -> tuple[int, str | None]:
     """Runs the probe for `feature`: its exit status and why it failed (None when it passed)."""
-    if feature not in ("flex_attention", "flex_attention_decoding", "compile_fullgraph"):
+    if feature not in ("flex_attention", "flex_attention_decoding", "compile_fullgraph", "export"):
         raise ValueError(f"unknown feature {feature!r}")
     probe = subprocess.run([sys.executable, "-c", LLAMA_FEATURE_PROBE, feature], capture_output=True, text=True)
     return probe.returncode, probe_failure(probe)

@@ -39,18 +39,28 @@ def test_token_by_token_and_chunked_decoding_equal_full_forward(setting, backend
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
-def test_static_cache_decoding_equals_full_forward(setting):
+@pytest.mark.parametrize("initialised", ["on_first_use", "from_the_config"])
+def test_static_cache_decoding_equals_full_forward(setting, initialised):
+    """A static cache initialised on first use takes the model's own keys: G + 1 heads for the "gqe" variant (the
+    shared head's K/V is head G). One initialised ahead of time from `config.num_key_value_heads`, as transformers'
+    ExecuTorch export and chunked prefill do, holds the G groups' heads, and the shared head's K/V is their mean."""
     model = setting_model(setting)
+    config = model.config
     input_ids = random_ids(1, 10)
     with torch.no_grad():
         full = model(input_ids).logits
-        cache = StaticCache(config=model.config, max_cache_len=16)
+        cache = StaticCache(config=config, max_cache_len=16)
+        if initialised == "from_the_config":
+            cache.early_initialization(batch_size=1, num_heads=config.num_key_value_heads, head_dim=config.head_dim,
+                                       dtype=torch.float32, device=torch.device("cpu"))
         prefill = model(input_ids[:, :6], past_key_values=cache, cache_position=torch.arange(6)).logits
         steps = [
             model(input_ids[:, t : t + 1], past_key_values=cache, cache_position=torch.tensor([t])).logits
             for t in range(6, 10)
         ]
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, atol=1e-5, rtol=1e-5)
+    shared_head_cached = config.gqe_variant == "gqe" and initialised == "on_first_use"
+    assert cache.layers[0].keys.shape == (1, config.num_key_value_heads + shared_head_cached, 16, config.head_dim)
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)

@@ -1,10 +1,10 @@
 """The Hugging Face ecosystem around a GQE model: PEFT LoRA, the text-generation pipeline, torch.compile, big-model
-loading with a device map."""
+loading with a device map, continuous batching and ExecuTorch export."""
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, pipeline
+from transformers import AutoModelForCausalLM, GenerationConfig, Trainer, TrainingArguments, pipeline
 
 from conftest import byte_blocks, char_tokenizer, setting_model, skip_unless_llama_can, tiny_model
 from modeling_gqe import GQEForCausalLM
@@ -127,3 +127,48 @@ def test_static_cache_generation_with_a_compiled_forward(setting):
         model.forward = torch.compile(model.forward, fullgraph=True)
         compiled = model.generate(input_ids, max_new_tokens=10, do_sample=False, cache_implementation="static")
     assert compiled.shape == (2, 17) and torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("setting", COMPILED_SETTINGS, ids=COMPILED_IDS)
+def test_continuous_batching_generates_each_prompts_own_greedy_tokens(setting):
+    """`generate_batch`, transformers' continuous batching (what `transformers serve` runs): the prompts are packed
+    into one sequence and their KV goes to a paged cache that transformers sizes from `config.num_key_value_heads`,
+    so the "gqe" variant's shared head reads the mean of the cached groups. Each prompt gets the tokens of its own
+    `generate`."""
+    model = setting_model(setting, eos_token_id=None)
+    prompts = [torch.randint(3, 97, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+               for length in (5, 11, 3)]
+    with torch.no_grad():
+        # First: transformers 5.5's generate_batch leaves the model set to its paged attention afterwards.
+        expected = [model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+                    for prompt in prompts]
+        batched = model.generate_batch(
+            inputs=prompts,
+            generation_config=GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0),
+        )
+    assert len(batched) == 3
+    assert [batched[request_id].generated_tokens for request_id in sorted(batched)] == expected
+
+
+@pytest.mark.parametrize("setting", COMPILED_SETTINGS, ids=COMPILED_IDS)
+def test_executorch_export_decodes_like_a_full_forward(setting):
+    """transformers' ExecuTorch recipe: `torch.export` of one decode step with a static cache, sized from
+    `config.num_key_value_heads` (the G groups' heads; the shared head reads their mean). Fed the tokens one at a
+    time, the exported program gives the full forward's logits at every position."""
+    skip_unless_llama_can("export")
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    model = setting_model(setting)
+    model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static",
+                                               cache_config={"batch_size": 1, "max_cache_len": 16})
+    input_ids = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(5))
+    exported = TorchExportableModuleForDecoderOnlyLM(model).export(input_ids=input_ids[:, :1])
+    key_caches = [buffer for name, buffer in exported.named_buffers() if "key_cache" in name]
+    assert len(key_caches) == 2 and key_caches[0].shape == (1, model.config.num_key_value_heads, 16, 8)
+    decode_step = exported.module()
+    with torch.no_grad():
+        full = model(input_ids).logits[0]
+        for position in range(12):
+            logits = decode_step(input_ids=input_ids[:, position : position + 1],
+                                 cache_position=torch.tensor([position]))
+            torch.testing.assert_close(logits[0, -1], full[position], atol=1e-5, rtol=1e-5)
