@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, Trainer, Traini
 
 from conftest import byte_blocks, char_tokenizer, setting_model, skip_unless_llama_can, tiny_model
 from modeling_gqe import GQEForCausalLM
+from modeling_gqe.modeling_gqe import PAGED_CACHE_TAKES_INDICES, PagedAttentionCache
 
 
 def logits_of(model, input_ids):
@@ -172,3 +173,30 @@ def test_executorch_export_decodes_like_a_full_forward(setting):
             logits = decode_step(input_ids=input_ids[:, position : position + 1],
                                  cache_position=torch.tensor([position]))
             torch.testing.assert_close(logits[0, -1], full[position], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(PAGED_CACHE_TAKES_INDICES, reason="transformers < 5.19's paged cache has no block-table read")
+def test_continuous_batching_through_a_block_table_refuses_the_shared_head_and_names_the_fix():
+    """With flash attention, continuous batching reads the paged cache through a block table: the cache's update
+    hands back this step's keys and values only (the kernel reads the rest itself), so the "gqe" variant's shared
+    head, the mean of the cached groups, cannot be formed. It refuses, naming sdpa; the other variants carry on."""
+
+    class BlockTableRead(PagedAttentionCache):
+        def __init__(self):  # no pages: a block-table read returns the step's own keys and values
+            pass
+
+        def update(self, key_states, value_states, layer_idx, kwargs):
+            return key_states, value_states
+
+    for variant in ("gqe", "hard_concat"):
+        model = setting_model((variant, "ranked", 1))
+        hidden_states = torch.randn(1, 4, model.config.hidden_size)
+        position_embeddings = model.model.rotary_emb(hidden_states, torch.arange(4).unsqueeze(0))
+        attention = model.model.layers[0].self_attn
+        call = dict(cache=BlockTableRead(), block_table=torch.zeros(1, 1, 1, dtype=torch.int32))
+        if variant == "gqe":
+            with pytest.raises(NotImplementedError, match="attn_implementation='sdpa'"):
+                attention(hidden_states, position_embeddings, None, **call)
+        else:  # no attention mask: the eager/sdpa fallbacks attend over the step's own keys, causally
+            output, _ = attention(hidden_states, position_embeddings, None, **call)
+            assert output.shape == hidden_states.shape
