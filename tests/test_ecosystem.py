@@ -1,5 +1,5 @@
 """The Hugging Face ecosystem around a GQE model: PEFT LoRA, the text-generation pipeline, torch.compile, big-model
-loading with a device map, continuous batching and ExecuTorch export."""
+loading with a device map, continuous batching, ExecuTorch export and torchao quantization."""
 
 import pytest
 import torch
@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, Trainer, Traini
 from conftest import byte_blocks, char_tokenizer, setting_model, skip_unless_llama_can, tiny_model
 from modeling_gqe import GQEForCausalLM
 from modeling_gqe.modeling_gqe import PAGED_CACHE_TAKES_INDICES, PagedAttentionCache
+from test_llama_equivalence import llama_and_gqe
 
 
 def logits_of(model, input_ids):
@@ -200,3 +201,74 @@ def test_continuous_batching_through_a_block_table_refuses_the_shared_head_and_n
         else:  # no attention mask: the eager/sdpa fallbacks attend over the step's own keys, causally
             output, _ = attention(hidden_states, position_embeddings, None, **call)
             assert output.shape == hidden_states.shape
+
+
+def torchao_int8(scheme: str):
+    """transformers' torchao quantization config: int8 weights, with float or dynamically int8-quantized inputs."""
+    quantization = pytest.importorskip("torchao.quantization")
+    from transformers import TorchAoConfig
+
+    schemes = {"int8_weights": quantization.Int8WeightOnlyConfig,
+               "int8_weights_and_inputs": quantization.Int8DynamicActivationInt8WeightConfig}
+    return TorchAoConfig(schemes[scheme]())
+
+
+@pytest.mark.parametrize("scheme", ["int8_weights", "int8_weights_and_inputs"])
+def test_torchao_quantized_exact_conversion_equals_the_quantized_llama(scheme, tmp_path):
+    """An exact conversion (k = M, each expert its source head) quantized with torchao gives the quantized Llama's
+    logits: per-output-row int8 scales survive duplicating query rows into experts and appending zero o_proj slots."""
+    llama, gqe = llama_and_gqe(attention_bias=False, tie=False)
+    llama.save_pretrained(tmp_path / "llama")
+    gqe.save_pretrained(tmp_path / "gqe")
+    quantized_llama = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", quantization_config=torchao_int8(scheme))
+    quantized_gqe = AutoModelForCausalLM.from_pretrained(tmp_path / "gqe", quantization_config=torchao_int8(scheme))
+    assert type(quantized_gqe) is GQEForCausalLM and quantized_gqe.is_quantized
+    input_ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected = logits_of(quantized_llama.eval(), input_ids)
+    assert (expected - logits_of(llama, input_ids)).abs().max() > 1e-3  # quantization did change the numbers
+    torch.testing.assert_close(logits_of(quantized_gqe.eval(), input_ids), expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(quantized_gqe.generate(input_ids, max_new_tokens=8, do_sample=False),
+                           quantized_llama.generate(input_ids, max_new_tokens=8, do_sample=False))
+
+
+@pytest.mark.parametrize("setting", COMPILED_SETTINGS, ids=COMPILED_IDS)
+def test_torchao_int8_weights_compute_with_the_dequantized_weights_and_keep_the_router_in_full_precision(
+    setting, tmp_path
+):
+    """A routed model quantized to int8 weights computes what the float model computes with each projection's
+    dequantized weights; the router, a bare weight rather than an nn.Linear, is not quantized (a rounded router could
+    pick other experts). The quantized checkpoint saves and reloads."""
+    model = setting_model(setting)
+    model.save_pretrained(tmp_path / "float")
+    quantized = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=torchao_int8("int8_weights"))
+    quantized.eval()
+    float_state = model.state_dict()
+    dequantized_state = {}
+    for name, param in quantized.named_parameters():
+        if name.endswith("router.weight"):
+            assert type(param) is torch.nn.Parameter and param.dtype == torch.float32
+            assert torch.equal(param, float_state[name])
+        elif name.endswith("proj.weight") or name.endswith("q_shared.weight"):
+            assert type(param) is not torch.nn.Parameter, f"{name} was not quantized"
+        dequantized_state[name] = param.dequantize() if type(param) is not torch.nn.Parameter else param.detach()
+    reference = setting_model(setting)
+    reference.load_state_dict(dequantized_state)
+
+    input_ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(input_ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        actual = quantized(input_ids, attention_mask=mask).logits
+        expected = reference(input_ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(actual[keep], expected[keep], atol=1e-5, rtol=1e-5)
+    assert (actual[keep] - logits_of(model, input_ids)[keep]).abs().max() > 1e-4  # not the float model's logits
+
+    quantized.save_pretrained(tmp_path / "int8")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "int8").eval()
+    assert type(reloaded.model.layers[0].self_attn.q_proj.weight) is type(quantized.model.layers[0].self_attn.q_proj.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids, attention_mask=mask).logits[keep], actual[keep], atol=0, rtol=0)
+        assert torch.equal(reloaded.generate(input_ids[:1], max_new_tokens=8, do_sample=False),
+                           reference.generate(input_ids[:1], max_new_tokens=8, do_sample=False))
