@@ -1,4 +1,4 @@
-"""Multi-process training: `accelerate launch` with 2 CPU processes (DDP over gloo) and `Trainer`."""
+"""Multi-process training on 2 CPU processes over gloo: `accelerate launch` with `Trainer` (DDP), and FSDP2."""
 
 import os
 import subprocess
@@ -9,10 +9,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import modeling_gqe  # noqa: F401  (registers "gqe" with the Auto classes)
+import fsdp_train
 from ddp_train import PROBE
 
 
 SCRIPT = Path(__file__).resolve().parent / "ddp_train.py"
+FSDP_SCRIPT = SCRIPT.with_name("fsdp_train.py")
 REPO_ROOT = SCRIPT.parents[1]
 
 
@@ -38,3 +40,28 @@ def test_two_process_ddp_training_keeps_replicas_in_sync_and_the_checkpoint_relo
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-20").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(PROBE).logits, ranks[0]["final"], atol=1e-6, rtol=0)
+
+
+def test_fsdp2_sharded_training_takes_the_single_process_steps(tmp_path):
+    """Each decoder layer sharded by FSDP2 across 2 processes (accelerate offers FSDP on GPUs only, so this calls
+    `fully_shard` as accelerate's FSDP2 does): the routers, the shared head and every projection are gathered for
+    each layer's forward and backward, and the gradients reduce-scattered. Five AdamW steps give the weights of the
+    same steps taken in one process on the whole batches."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+               str(FSDP_SCRIPT), str(tmp_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    sharded = torch.load(tmp_path / "fsdp.pt")
+    assert sharded["world_size"] == 2
+    assert sharded["shards"] == {"router": (4, 64), "router_full": (8, 64)}  # each rank held half of each weight
+
+    reference = fsdp_train.build_model()
+    losses = fsdp_train.train(reference, parts=2)
+    rank_losses = torch.tensor(sharded["losses"])  # [ranks, steps]
+    torch.testing.assert_close(rank_losses.mean(dim=0), torch.tensor(losses), atol=1e-5, rtol=0)
+    assert losses[-1] < losses[0] - 0.1, losses
+    expected = reference.state_dict()
+    assert sharded["state"].keys() == expected.keys()
+    for name, weight in expected.items():
+        torch.testing.assert_close(sharded["state"][name], weight, atol=2e-5, rtol=0, msg=name)
