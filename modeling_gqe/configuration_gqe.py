@@ -55,6 +55,14 @@ class GQEConfig(PreTrainedConfig):
 
     model_type = "gqe"
     keys_to_ignore_at_inference = ["past_key_values"]
+    # Tensor parallelism shards the MLP, Llama's way. The attention stays whole on every rank: the "gqe" variant's
+    # shared head attends to the mean over all groups' keys and values, its weighted slot is normalised over every
+    # group's picks, and o_proj's last two slots do not split by group, none of which a column or row split provides.
+    base_model_tp_plan = {
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
