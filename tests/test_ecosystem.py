@@ -117,6 +117,34 @@ def test_torch_compile_fullgraph_forward_gives_the_same_logits(setting):
             input_ids = torch.randint(3, 97, (2, 12))
 
 
+def test_torch_compile_fullgraph_training_step_gives_the_eager_loss_and_gradients():
+    """What `TrainingArguments(torch_compile=True)` runs: the compiled forward and its backward, with labels (so the
+    load-balancing loss too) and left padding, for the "gqe" variant with k = 2 (the routed gather, the weighted
+    slot and the shared head all get gradients)."""
+    skip_unless_llama_can("compile_fullgraph")
+    model = setting_model(("gqe", "partitioned", 2)).train()
+    input_ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(input_ids)
+    mask[0, :3] = 0
+    labels = input_ids.masked_fill(mask == 0, -100)
+
+    def loss_and_gradients(forward):
+        loss = forward(input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        gradients = {name: param.grad.clone() for name, param in model.named_parameters()}
+        model.zero_grad()
+        return loss.detach(), gradients
+
+    eager_loss, eager_gradients = loss_and_gradients(model)
+    assert all(gradient.abs().sum() > 0 for gradient in eager_gradients.values())  # every weight learns
+    compiled = torch.compile(model, fullgraph=True)
+    for _ in range(2):  # the second step reuses the compiled graphs
+        loss, gradients = loss_and_gradients(compiled)
+        torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
+        for name, gradient in eager_gradients.items():
+            torch.testing.assert_close(gradients[name], gradient, atol=1e-6, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("setting", COMPILED_SETTINGS[:2], ids=COMPILED_IDS[:2])
 def test_static_cache_generation_with_a_compiled_forward(setting):
     """generate(cache_implementation="static") with `model.forward` compiled (fullgraph): the same tokens as eager
