@@ -164,13 +164,22 @@ def read_weights(src: str, config, gguf_file: str | None = None, trust_remote_co
     return model.eval()
 
 
+def loaded_from_gguf(model: torch.nn.Module) -> bool:
+    """Whether transformers' GGUF quantizer loaded `model` (its weights then are plain, dequantised floats)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = getattr(quantizer, "quantization_config", None) or getattr(model.config, "quantization_config", None)
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    return method == "gguf"
+
+
 def as_plain_model(model: torch.nn.Module) -> torch.nn.Module:
     """A GGUF-loaded model holds plain fp32 weights (transformers dequantises them) but keeps a "quantized" flag,
     which makes Trainer refuse to train it and `.to(dtype)` refuse to cast it. This returns an unflagged model of
-    the same class with the same weights (the model itself when it has no flag)."""
+    the same class with the same weights (the model itself when it was not loaded from a GGUF: a model whose weights
+    really are quantized, e.g. by torchao, stays as it is)."""
     from transformers.initialization import no_init_weights
 
-    if not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None:
+    if not loaded_from_gguf(model):
         return model
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):  # else save_pretrained writes it and the folder claims to be GGUF
@@ -182,8 +191,8 @@ def as_plain_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_checkpoint(path: str, gguf_file: str | None = None):
-    """Any checkpoint the tools evaluate: a GQE folder or a source (Transformers folder, GGUF). Returns (model in
-    fp32 eval mode without a quantized flag, tokenizer or None)."""
+    """Any checkpoint the tools evaluate: a GQE folder or a source (Transformers folder, GGUF, a folder quantized
+    by torchao). Returns (model in fp32 eval mode, tokenizer or None); a GGUF's model without its quantized flag."""
     from transformers import AutoConfig
 
     location = _check_location(path, gguf_file)

@@ -300,3 +300,20 @@ def test_torchao_int8_weights_compute_with_the_dequantized_weights_and_keep_the_
         torch.testing.assert_close(reloaded(input_ids, attention_mask=mask).logits[keep], actual[keep], atol=0, rtol=0)
         assert torch.equal(reloaded.generate(input_ids[:1], max_new_tokens=8, do_sample=False),
                            reference.generate(input_ids[:1], max_new_tokens=8, do_sample=False))
+
+
+def test_the_tools_load_a_torchao_quantized_checkpoint_as_it_is(tmp_path):
+    """gqe-eval's loader (`load_checkpoint`) takes a quantized folder of either kind, source or GQE, without undoing
+    the quantization: it drops the quantized flag only from a GGUF's model, whose weights are dequantised floats."""
+    from convert.sources import load_checkpoint
+
+    input_ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(0))
+    for name, model in zip(("llama", "gqe"), llama_and_gqe(attention_bias=False, tie=False)):
+        model.save_pretrained(tmp_path / name)
+        quantized = AutoModelForCausalLM.from_pretrained(tmp_path / name, quantization_config=torchao_int8("int8_weights"))
+        quantized.save_pretrained(tmp_path / f"{name}-int8")
+        loaded, tokenizer = load_checkpoint(str(tmp_path / f"{name}-int8"))
+        assert tokenizer is None and loaded.is_quantized and type(loaded) is type(quantized)
+        weight = loaded.model.layers[0].mlp.up_proj.weight
+        assert type(weight) is type(quantized.model.layers[0].mlp.up_proj.weight) is not torch.nn.Parameter
+        torch.testing.assert_close(logits_of(loaded, input_ids), logits_of(quantized.eval(), input_ids), atol=0, rtol=0)
