@@ -25,6 +25,18 @@ NATIVE_PARALLEL_SCRIPT = SCRIPT.with_name("native_parallel.py")
 REPO_ROOT = SCRIPT.parents[1]
 
 
+def run_two_processes(command: list[str], **extra_env) -> None:
+    """Runs a 2-process launch from the repository root, offline, and fails with its stderr if it fails."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), **extra_env}
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def torchrun(script: Path, *args: str, port: int) -> None:
+    run_two_processes([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                       str(port), str(script), *args], OMP_NUM_THREADS="1")
+
+
 def test_two_process_ddp_training_keeps_replicas_in_sync_and_the_checkpoint_reloads(tmp_path):
     # --multi_gpu picks accelerate's torchrun launcher; with no GPU, Trainer(use_cpu=True) joins over gloo.
     command = [
@@ -32,9 +44,7 @@ def test_two_process_ddp_training_keeps_replicas_in_sync_and_the_checkpoint_relo
         "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
         "--main_process_port", "29517", str(SCRIPT), str(tmp_path),
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    run_two_processes(command)
 
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
@@ -54,11 +64,7 @@ def test_fsdp2_sharded_training_takes_the_single_process_steps(tmp_path):
     `fully_shard` as accelerate's FSDP2 does): the routers, the shared head and every projection are gathered for
     each layer's forward and backward, and the gradients reduce-scattered. Five AdamW steps give the weights of the
     same steps taken in one process on the whole batches."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
-               str(FSDP_SCRIPT), str(tmp_path)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    torchrun(FSDP_SCRIPT, str(tmp_path), port=29518)
     sharded = torch.load(tmp_path / "fsdp.pt")
     assert sharded["world_size"] == 2
     assert sharded["shards"] == {"router": (4, 64), "router_full": (8, 64)}  # each rank held half of each weight
@@ -86,11 +92,7 @@ def test_transformers_parallelism_at_load_time_gives_the_single_process_results(
             pytest.skip(f"transformers {transformers.__version__}'s DistributedConfig has no {mode}_size")
     model = setting_model(("gqe", "ranked", 2), eos_token_id=None)
     model.save_pretrained(tmp_path / "checkpoint")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
-               str(NATIVE_PARALLEL_SCRIPT), mode, str(tmp_path / "checkpoint"), str(tmp_path)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    torchrun(NATIVE_PARALLEL_SCRIPT, mode, str(tmp_path / "checkpoint"), str(tmp_path), port=29519)
     ranks = [torch.load(tmp_path / f"{mode}_rank{rank}.pt") for rank in (0, 1)]
 
     with torch.no_grad():
