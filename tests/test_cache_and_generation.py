@@ -38,6 +38,40 @@ def test_token_by_token_and_chunked_decoding_equal_full_forward(setting, backend
         assert chunks[-1][CACHE_FIELD] is cache  # returned under the installed transformers' field name
 
 
+@pytest.mark.parametrize("setting", [("gqe", "ranked", 1), ("gqe", "partitioned", 2), ("weighted_concat", "ranked", 3)],
+                         ids=["gqe-ranked-k1", "gqe-partitioned-k2", "weighted_concat-ranked-k3"])
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_sliding_window_decoding_keeps_the_window_and_equals_full_forward(setting, backend):
+    """A Mistral-style window (what a converted Mistral carries): the dynamic cache holds sliding-window layers that
+    keep only the last `window - 1` positions, the shared head's K/V among them, and decoding far past the window,
+    token by token and in chunks longer than it, gives the full forward's logits and greedy tokens. (The windowed
+    full forward itself equals Mistral's: tests/test_upcycle.py.)"""
+    window, length = 6, 20
+    model = setting_model(setting, attn_implementation=backend, sliding_window=window, eos_token_id=None)
+    input_ids = random_ids(2, length)
+    with torch.no_grad():
+        full = model(input_ids).logits
+        unwindowed = setting_model(setting, attn_implementation=backend)(input_ids).logits
+        assert not torch.allclose(full[:, window:], unwindowed[:, window:], atol=1e-3)  # the window matters
+        torch.testing.assert_close(full[:, :window], unwindowed[:, :window])
+
+        cache = DynamicCache(config=model.config)
+        stepwise = [model(input_ids[:, t : t + 1], cache=cache).logits for t in range(length)]
+        torch.testing.assert_close(torch.cat(stepwise, dim=1), full, atol=1e-5, rtol=1e-5)
+        heads = model.config.num_key_value_heads + (model.config.gqe_variant == "gqe")
+        assert cache.layers[0].keys.shape == (2, heads, window - 1, model.config.head_dim)
+
+        cache = DynamicCache(config=model.config)
+        chunks = [model(input_ids[:, a:b], cache=cache).logits for a, b in [(0, 9), (9, 10), (10, 18), (18, 20)]]
+        torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
+
+        generated = model.generate(input_ids[:, :4], max_new_tokens=12, do_sample=False)
+        tokens = input_ids[:, :4]
+        for _ in range(12):  # greedy by full forwards, no cache
+            tokens = torch.cat([tokens, model(tokens).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, tokens)
+
+
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
 @pytest.mark.parametrize("initialised", ["on_first_use", "from_the_config"])
 def test_static_cache_decoding_equals_full_forward(setting, initialised):
