@@ -82,3 +82,20 @@ def test_half_precision_with_padding_stays_finite(setting, backend, dtype):
         generated = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4, min_new_tokens=4,
                                    do_sample=False)
     assert generated.shape == (3, 16)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="transformers' offloaded cache streams layers back to a CUDA device")
+@pytest.mark.parametrize("setting", [("gqe", "ranked", 1), ("gqe", "partitioned", 2), ("hard_concat", "ranked", 2)],
+                         ids=["gqe-k1", "gqe-partitioned-k2", "hard_concat-k2"])
+def test_offloaded_cache_generates_the_dynamic_caches_tokens(setting):
+    """`cache_implementation="offloaded"` keeps every layer's keys and values (the shared head's among them) on the
+    CPU but the one in use; generation with it gives the tokens of the ordinary dynamic cache, which the tests
+    above check against the full forward."""
+    model = setting_model(setting, head_dim=HEAD_DIM, eos_token_id=None).to(DEVICE)
+    input_ids, attention_mask = padded_batch(DEVICE)
+    with torch.no_grad():
+        dynamic = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False)
+        offloaded = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False,
+                                   cache_implementation="offloaded")
+    assert dynamic.shape == (3, 20)
+    assert torch.equal(offloaded, dynamic)
