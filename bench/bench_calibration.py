@@ -46,6 +46,9 @@ from convert.sources import load_source
 # Recipe 8 refines in batches of 2 sequences instead of 8 (`--refine-batch-size 2`: 4x the Adam steps).
 # Recipe 9 is recipe 8 at twice the tokens: with two --extra-calibration sources, each leave-one-out mix keeps
 # recipe 8's 2 x 32k domain tokens and adds 32k of each extra source on top.
+# Recipe 10 is recipe 2 calibrated on 512-token sequences (the perplexity window) instead of 256: the converted
+# model's loss ratio to the source grows along the window, and a 256-token calibration never shows the fit the
+# second half. Half as many sequences, so the first position's weight doubles to keep its share of the fit.
 GRID = [
     dict(tokens=16384, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance"),
     dict(tokens=32768, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance"),
@@ -60,14 +63,17 @@ GRID = [
          refine_learning_rate=1e-4, refine_batch_size=2),
     dict(tokens=131072, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance", refine_epochs=2,
          refine_learning_rate=1e-4, refine_batch_size=2),
+    dict(tokens=65536, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance", seq_len=512,
+         first_token_weight=4096.0),
 ]
 
 
-def convert_and_measure(source, tokenizer, top_k, recipe, fit_sources, eval_blocks, seq_len=256, seed=0):
-    fit = load_token_blocks(fit_sources, tokenizer, seq_len, recipe["tokens"]).fit
+def convert_and_measure(source, tokenizer, top_k, recipe, fit_sources, eval_blocks, seed=0):
+    fit = load_token_blocks(fit_sources, tokenizer, recipe.get("seq_len", 256), recipe["tokens"]).fit
     model = build_sparse_initial(source, top_k)
     calibrate_sparse(source, model, fit, seed=seed, router_ridge=recipe["router_ridge"],
                      output_ridge=recipe["output_ridge"], block_layout=recipe["block_layout"],
+                     first_token_weight=recipe.get("first_token_weight", 2048.0),
                      refine_epochs=recipe.get("refine_epochs", 0),
                      refine_learning_rate=recipe.get("refine_learning_rate", 1e-4),
                      refine_batch_size=recipe.get("refine_batch_size"))
@@ -123,8 +129,8 @@ def main():
                                     eval_blocks)
         final = {"recipe": f"best ({best['recipe']}), all domains mixed", **recipe,
                  **{f"{domain} (seen, held-out text)": mixed[domain] / source_ppl[domain] for domain in DOMAINS}}
-    columns = ["recipe", "tokens", "output_ridge", "router_ridge", "block_layout", "refine_epochs", "refine_batch_size",
-               *[f"{d} (unseen)" for d in DOMAINS], "worst unseen"]
+    columns = ["recipe", "tokens", "seq_len", "output_ridge", "router_ridge", "block_layout", "refine_epochs",
+               "refine_batch_size", *[f"{d} (unseen)" for d in DOMAINS], "worst unseen"]
     formats = {column: ".3f" for column in columns if "(" in column or column == "worst unseen"}
     how = "calibrated on the extra sources alone" if args.only_extra else "leave-one-domain-out"
     report(f"Sparse K = {args.top_k} calibration recipes, {how} (perplexity / source's)", columns, rows,
