@@ -49,6 +49,7 @@ from convert.sources import load_source
 # Recipe 10 is recipe 2 calibrated on 512-token sequences (the perplexity window) instead of 256: the converted
 # model's loss ratio to the source grows along the window, and a 256-token calibration never shows the fit the
 # second half. Half as many sequences, so the first position's weight doubles to keep its share of the fit.
+# Recipe 11 is recipe 10 with the first position's weight left at 2048.
 GRID = [
     dict(tokens=16384, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance"),
     dict(tokens=32768, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance"),
@@ -65,6 +66,7 @@ GRID = [
          refine_learning_rate=1e-4, refine_batch_size=2),
     dict(tokens=65536, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance", seq_len=512,
          first_token_weight=4096.0),
+    dict(tokens=65536, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance", seq_len=512),
 ]
 
 
