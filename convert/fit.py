@@ -7,7 +7,9 @@ projection, whichever expert fills it). The layout limits the second loss and th
 Layout (partitioned routing). The group's r heads are split into K blocks, the most important heads in the
 smallest blocks; slot j holds the top-1 of block j. With r = 3, K = 2 the most important head has a slot of its
 own (its block is padded with a copy of it, so it keeps its exact projection) and the two others share one.
-Blocks are chosen per layer from the heads' average contribution on the calibration text.
+Blocks are chosen per layer from the heads' average contribution on the calibration text, or (block_layout
+"fit-error") by trying each group's splits in turn and keeping the one whose fit (steps 1-2) leaves the least
+error.
 
 Fit, layer by layer, on the converted model's own activations:
 1. Router: per token, how much each head contributes (the norm of its projected output) is what an oracle
@@ -25,11 +27,43 @@ Fit, layer by layer, on the converted model's own activations:
    what they will actually see.
 """
 
+from dataclasses import dataclass
+
 import torch
 from tqdm.auto import tqdm
 
-from .layout import SourceAttention, least_dropped_blocks, set_sparse_experts, sparse_blocks
+from .layout import (
+    MAX_PARTITIONS,
+    SourceAttention,
+    group_layouts,
+    least_dropped_blocks,
+    set_sparse_experts,
+    sparse_blocks,
+)
 from .sources import llama_named_state_dict
+
+
+LAYOUT_SEARCH_TOKENS = 16384  # "fit-error" layouts: calibration tokens each candidate is fitted on (the best: all)
+
+
+@dataclass
+class FitData:
+    """A layer's calibration batches: inputs, targets and the source heads' log contributions, with the inputs
+    flattened to rows and their Gram matrix (for the router's regression)."""
+
+    normed: list[torch.Tensor]  # the layer's normalised inputs, [b, T, D] per batch
+    targets: list[torch.Tensor]  # the source attention's outputs on them, [b, T, D]
+    log_norm: torch.Tensor  # [tokens, H], each source head's log contribution
+    flat_inputs: torch.Tensor  # [tokens, D], float64
+    flat_gram: torch.Tensor  # [D, D]
+
+    @classmethod
+    def of(cls, normed, targets, log_norms, batches=None):
+        """From per-batch lists, keeping the batches at the indices `batches` (default: all)."""
+        if batches is not None:
+            normed, targets, log_norms = ([part[i] for i in batches] for part in (normed, targets, log_norms))
+        flat_inputs = torch.cat([h.reshape(-1, h.shape[-1]) for h in normed]).double()
+        return cls(normed, targets, torch.cat(log_norms), flat_inputs, flat_inputs.T @ flat_inputs)
 
 
 def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, relative_ridge: float) -> torch.Tensor:
@@ -52,6 +86,77 @@ def capture_input(module):
         store["input"] = args[0].detach()
 
     return store, module.register_forward_pre_hook(hook)
+
+
+def fit_router(attn, x: torch.Tensor, x_gram: torch.Tensor, log_norm: torch.Tensor, relative_ridge: float) -> None:
+    """Set `attn.router` to the ridge regression from the layer's normalised input x [tokens, D] (float64, with
+    its Gram matrix x^T x) onto each expert's log contribution [tokens, G*M], centred within each block: per block,
+    the router learns which expert matters most for the token."""
+    G, M, k = attn.num_groups, attn.experts_per_group, attn.top_k
+    target = log_norm.view(-1, G, k, M // k)
+    target = (target - target.mean(dim=-1, keepdim=True)).view(-1, G * M).double()
+    router = ridge_solve(x_gram, x.T @ target, relative_ridge)
+    attn.router.weight.copy_(router.T.to(attn.router.weight.dtype))
+
+
+def fit_output_projection(attn, normed: list[torch.Tensor], targets: list[torch.Tensor], position_embeddings,
+                          first_token_weight: float, relative_ridge: float) -> float:
+    """Set `attn.o_proj` to the ridge regression of the source attention's outputs (`targets`) on the GQE layer's
+    slot features for the inputs `normed`, with its router as set, each sequence's first position weighted by
+    `first_token_weight`. Returns the fit's squared error on the other positions, relative to the targets' squared
+    norm there: what the layer misses where attention reads more than one position (the first position, weighted
+    thousands of times, would otherwise dominate the figure)."""
+    bias = attn.o_proj.bias
+    row_weight = torch.ones(normed[0].shape[1], dtype=torch.float64)
+    row_weight[0] = first_token_weight
+    gram, cross, target_norm = 0.0, 0.0, 0.0  # weighted sums over every position
+    first_gram, first_cross, first_norm = 0.0, 0.0, 0.0  # unweighted sums over the first positions
+    store, handle = capture_input(attn.o_proj)
+    for h, wanted in zip(normed, targets):
+        attn(h, position_embeddings=position_embeddings, attention_mask=None)
+        features = store["input"].double()
+        y = wanted.double()
+        if bias is not None:
+            y = y - bias.double()
+        first_gram = first_gram + features[:, 0].T @ features[:, 0]
+        first_cross = first_cross + features[:, 0].T @ y[:, 0]
+        first_norm = first_norm + y[:, 0].pow(2).sum()
+        # Weighted least squares: scale rows by sqrt(weight).
+        features = (features * row_weight.sqrt()[:, None]).reshape(-1, features.shape[-1])
+        y = (y * row_weight.sqrt()[:, None]).reshape(-1, y.shape[-1])
+        gram = gram + features.T @ features
+        cross = cross + features.T @ y
+        target_norm = target_norm + y.pow(2).sum()
+    handle.remove()
+    weight = ridge_solve(gram, cross, relative_ridge)  # [slots*d, D]
+    attn.o_proj.weight.copy_(weight.T.to(attn.o_proj.weight.dtype))
+    # Sums over the other positions (weight 1), then ||F W - Y||^2 = ||Y||^2 - 2 <W, F^T Y> + <W, F^T F W>.
+    gram, cross = gram - first_token_weight * first_gram, cross - first_token_weight * first_cross
+    target_norm = target_norm - first_token_weight * first_norm
+    error = target_norm - 2 * (weight * cross).sum() + (weight * (gram @ weight)).sum()
+    return (error / target_norm.clamp(min=1e-30)).item()
+
+
+def search_layout(fit_error, blocks: list, candidates: list, max_sweeps: int = 2) -> list:
+    """Coordinate descent over the groups' block layouts, by the fit's own error: for each group in turn, every
+    candidate layout of its heads (`candidates[g]`, from `layout.group_layouts`) is fitted with the other groups'
+    kept, and the one whose fit leaves the least error is kept. Sweeps over the groups until one changes nothing
+    (at most `max_sweeps`). `fit_error(blocks)` lays the heads out, fits the layer and returns the error; `blocks`
+    is the starting layout. Returns the best layout found."""
+    error = fit_error(blocks)
+    for _ in range(max_sweeps):
+        changed = False
+        for g, layouts in enumerate(candidates):
+            for layout in layouts:
+                if layout == blocks[g]:
+                    continue
+                trial = [*blocks[:g], layout, *blocks[g + 1 :]]
+                trial_error = fit_error(trial)
+                if trial_error < error:
+                    blocks, error, changed = trial, trial_error, True
+        if not changed:
+            break
+    return blocks
 
 
 def refine_attention(attn, inputs: list[torch.Tensor], targets: list[torch.Tensor], position_embeddings,
@@ -107,7 +212,10 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
     sequences (SmolLM2, K = 2, 8k held-out tokens: 77.9 unweighted, 58.0 at 256, 49.1 at 2048).
     block_layout: how a group's heads are split into blocks. "importance" (above: the most important heads in
     the smallest blocks); "least-dropped": the split that loses the least contribution per token when each
-    block keeps its largest head (`layout.least_dropped_blocks`).
+    block keeps its largest head (`layout.least_dropped_blocks`); "fit-error": starting from "importance", each
+    group's split re-chosen among all of them by the error the layer's fit leaves (`search_layout`: a fit per
+    candidate, on LAYOUT_SEARCH_TOKENS of the calibration tokens; for r = 3, K = 2, 7 to 13 of them per layer; a
+    group with more than layout.MAX_PARTITIONS splits keeps its "importance" one).
     refine_epochs, refine_learning_rate: passes of `refine_attention` over the calibration text after each layer's
     closed-form fit, and Adam's rate (0: off, the closed forms alone).
     refine_batch_size: sequences per Adam step (default: batch_size). The closed forms do not depend on batching;
@@ -118,7 +226,7 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
         network.eval()
         network.set_attn_implementation("sdpa")  # mask-free causal attention below relies on sdpa's is_causal
     config = model.config
-    G, M, k = config.num_key_value_heads, config.num_experts_per_group, config.num_experts_per_tok
+    G, k = config.num_key_value_heads, config.num_experts_per_tok
     H = source.config.num_attention_heads
     r = H // G
     d = config.head_dim
@@ -130,7 +238,13 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
     position_embeddings = model.model.rotary_emb(hidden[0], position_ids)
     weights = llama_named_state_dict(source)
     refined = []  # (error before, after) of each layer's refinement
+    row_weight = torch.ones(seq_len, dtype=torch.float64)  # of each position in the refinement's error
+    row_weight[0] = first_token_weight
     layer_expert_heads = []
+    # "fit-error" searches on these batches, spread evenly over the calibration text: a mix of sources comes in
+    # source order, and its first batches would hold one source alone.
+    search_count = min(len(batches), -(-LAYOUT_SEARCH_TOKENS // (batch_size * seq_len)))
+    search_batches = sorted(set(torch.linspace(0, len(batches) - 1, search_count).round().long().tolist()))
 
     for index, (source_layer, layer) in enumerate(
         tqdm(list(zip(source.model.layers, model.model.layers)), desc="calibrating layers", unit="layer")
@@ -150,40 +264,30 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
             contribution = head_contributions(head_outputs, o_weight)  # [b, T, H]
             log_norms.append(contribution.clamp(min=1e-6).log().reshape(-1, H))
         handle.remove()
-        log_norm = torch.cat(log_norms)  # [tokens, H]
-        contribution = log_norm.exp().view(-1, G, r)
+        everything = FitData.of(normed, targets, log_norms)
+        contribution = everything.log_norm.exp().view(-1, G, r)
+        importance = contribution.mean(0)  # [G, r]
+
+        def fit_layout(blocks, data):
+            """Lay the heads out in `blocks`, fit the router (step 1) and o_proj (step 2) on `data`; the fit's
+            error."""
+            expert_heads = set_sparse_experts(attn, source_heads, blocks)  # [G*M]
+            fit_router(attn, data.flat_inputs, data.flat_gram, data.log_norm[:, expert_heads], router_ridge)
+            return expert_heads, fit_output_projection(attn, data.normed, data.targets, position_embeddings,
+                                                       first_token_weight, output_ridge)
+
+        # 2. The layout, then the router and o_proj fitted for it.
         if block_layout == "least-dropped":
             blocks = [least_dropped_blocks(contribution[:, g], k) for g in range(G)]
         else:
-            importance = contribution.mean(0)
             blocks = [sparse_blocks(importance[g].argsort(descending=True).tolist(), k) for g in range(G)]
-        expert_heads = set_sparse_experts(attn, source_heads, blocks)  # [G*M]
+        if block_layout == "fit-error":  # each candidate fitted on some of the batches, the one kept on all
+            searched = FitData.of(normed, targets, log_norms, search_batches)
+            candidates = [group_layouts(importance[g], k) for g in range(G)]
+            candidates = [layouts if len(layouts) <= MAX_PARTITIONS else [] for layouts in candidates]  # too many
+            blocks = search_layout(lambda trial: fit_layout(trial, searched)[1], blocks, candidates)
+        expert_heads, _ = fit_layout(blocks, everything)
         layer_expert_heads.append(expert_heads)
-        router_target = log_norm[:, expert_heads].view(-1, G, k, M // k)
-        router_target = (router_target - router_target.mean(dim=-1, keepdim=True)).view(-1, G * M).double()
-        x = torch.cat([h.reshape(-1, h.shape[-1]) for h in normed]).double()
-        router = ridge_solve(x.T @ x, x.T @ router_target, router_ridge)
-        attn.router.weight.copy_(router.T.to(attn.router.weight.dtype))
-
-        # 2. Output projection: regress the source attention output on the GQE slot features.
-        bias = attn.o_proj.bias
-        output_gram, output_cross = 0.0, 0.0
-        store, handle = capture_input(attn.o_proj)
-        row_weight = torch.ones(seq_len, dtype=torch.float64)
-        row_weight[0] = first_token_weight
-        for h, wanted in zip(normed, targets):
-            attn(h, position_embeddings=position_embeddings, attention_mask=None)
-            features = store["input"].double()
-            y = wanted.double()
-            if bias is not None:
-                y = y - bias.double()
-            # Weighted least squares: scale rows by sqrt(weight).
-            features = (features * row_weight.sqrt()[:, None]).reshape(-1, features.shape[-1])
-            y = (y * row_weight.sqrt()[:, None]).reshape(-1, y.shape[-1])
-            output_gram = output_gram + features.T @ features
-            output_cross = output_cross + features.T @ y
-        handle.remove()
-        attn.o_proj.weight.copy_(ridge_solve(output_gram, output_cross, output_ridge).T.to(attn.o_proj.weight.dtype))
 
         # 3. Optionally, all of the layer's weights together by gradient descent on the same error.
         if refine_epochs:

@@ -169,7 +169,7 @@ def sparse_blocks(heads_by_importance: list[int], top_k: int) -> list[list[int]]
     return blocks
 
 
-BLOCK_LAYOUTS = ("importance", "least-dropped")
+BLOCK_LAYOUTS = ("importance", "least-dropped", "fit-error")
 MAX_PARTITIONS = 5000  # "least-dropped" scores every partition of a group's heads up to this many, else "importance"
 
 
@@ -197,23 +197,36 @@ def least_dropped_blocks(contribution: torch.Tensor, top_k: int) -> list[list[in
     >>> least_dropped_blocks(torch.tensor([[1.0, 3.0, 0.0], [1.0, 0.0, 3.0]]), 2)  # heads 1, 2 never coincide
     [[0, 0], [1, 2]]
     """
-    r = contribution.shape[1]
     importance = contribution.mean(0)
-    by_importance = importance.argsort(descending=True).tolist()
-    sizes = sorted(len(set(block)) for block in sparse_blocks(by_importance, top_k))
-    partitions = list(itertools.islice(block_partitions(list(range(r)), sizes), MAX_PARTITIONS + 1))
-    if len(partitions) > MAX_PARTITIONS:
-        return sparse_blocks(by_importance, top_k)
+    layouts = group_layouts(importance, top_k)
+    if len(layouts) > MAX_PARTITIONS:
+        return sparse_blocks(importance.argsort(descending=True).tolist(), top_k)
     total = contribution.sum(1)
 
     def dropped(blocks):
         return (total - sum(contribution[:, block].max(1).values for block in blocks)).mean().item()
 
-    best = min(partitions, key=dropped)
-    best = [sorted(block, key=lambda head: -importance[head].item()) for block in best]
-    best.sort(key=lambda block: (len(block), -importance[block[0]].item()))
+    return min(layouts, key=dropped)
+
+
+def group_layouts(importance: torch.Tensor, top_k: int) -> list[list[list[int]]]:
+    """Every split of one group's heads into `sparse_blocks`' block sizes, given their importance [r], each
+    returned like `sparse_blocks`: smallest blocks first, heads by importance within a block, padded with copies of
+    the first. Stops after MAX_PARTITIONS + 1 (the callers fall back to "importance" past MAX_PARTITIONS).
+
+    >>> group_layouts(torch.tensor([1.0, 3.0, 2.0]), 2)
+    [[[1, 1], [2, 0]], [[2, 2], [1, 0]], [[0, 0], [1, 2]]]
+    """
+    r = importance.shape[0]
+    by_importance = importance.argsort(descending=True).tolist()
+    sizes = sorted(len(set(block)) for block in sparse_blocks(by_importance, top_k))
     width = -(-r // top_k)
-    return [block + [block[0]] * (width - len(block)) for block in best]
+    layouts = []
+    for partition in itertools.islice(block_partitions(by_importance, sizes), MAX_PARTITIONS + 1):
+        blocks = [sorted(block, key=lambda head: -importance[head].item()) for block in partition]
+        blocks.sort(key=lambda block: (len(block), -importance[block[0]].item()))
+        layouts.append([block + [block[0]] * (width - len(block)) for block in blocks])
+    return layouts
 
 
 def check_sparse_top_k(source_config, top_k: int) -> None:

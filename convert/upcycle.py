@@ -61,9 +61,10 @@ class UpcycleOptions:
     router_ridge: float = option(1e-3, "sparse: ridge of the router fit, relative to the mean Gram diagonal")
     output_ridge: float = option(3e-4, "sparse: ridge of the o_proj fit, relative to the mean Gram diagonal")
     first_token_weight: float = option(2048.0, "sparse: weight of each sequence's first position in the o_proj fit")
-    block_layout: Literal["importance", "least-dropped"] = option(
+    block_layout: Literal["importance", "least-dropped", "fit-error"] = option(
         "importance", "sparse: how each group's heads are split into the K routed slots: importance (the most "
-        "important heads get slots of their own) or least-dropped (the split losing the least per-token contribution)")
+        "important heads get slots of their own), least-dropped (the split losing the least per-token contribution) "
+        "or fit-error (each group's split searched by the error of the layer's fit; several fits per layer)")
     refine_epochs: int = option(0, "sparse: after each layer's closed-form fit, passes of Adam over the calibration "
                                 "text on all of its attention weights together (0: off)")
     refine_learning_rate: float = option(1e-4, "sparse: Adam's rate for --refine-epochs")

@@ -389,8 +389,63 @@ def test_least_dropped_layout_pairs_heads_that_are_rarely_needed_together(monkey
     assert least_dropped_blocks(contribution, 2) == sparse_blocks(by_importance, 2)
 
 
+def test_fit_error_layout_leaves_no_group_a_better_split(monkeypatch):
+    """`block_layout="fit-error"` keeps a split of each group's heads that no other split of any one group beats
+    (coordinate descent), by how far the converted layer's output is from the source attention's after the first
+    position: measured here directly on the layer, for all 9 layouts of a one-layer source (2 groups of r = 3 heads, K = 2: each group
+    gives one of its heads a slot of its own), each fitted by the "importance" path forced to that layout."""
+    import itertools
+
+    import convert.fit
+    from convert.fit import calibrate_sparse
+    from convert.layout import build_sparse_initial
+
+    torch.manual_seed(1)
+    source = LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": 1})).eval()
+    with torch.no_grad():  # peaked attention, so that the heads differ and dropping one costs something
+        source.model.layers[0].self_attn.q_proj.weight.mul_(30.0)
+        source.model.layers[0].self_attn.k_proj.weight.mul_(30.0)
+    fit_ids = torch.randint(0, TINY["vocab_size"], (32, 32), generator=torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def attention_error(model):
+        hidden = source.model.layers[0].input_layernorm(source.model.embed_tokens(fit_ids))
+        position_embeddings = source.model.rotary_emb(hidden, torch.arange(32)[None])
+        wanted = source.model.layers[0].self_attn(hidden, position_embeddings=position_embeddings,
+                                                  attention_mask=None)[0]
+        output = model.model.layers[0].self_attn(hidden, position_embeddings=position_embeddings,
+                                                 attention_mask=None)[0]
+        # on the positions after the first (where a query reads more than its own position), as the search does
+        return (output - wanted)[:, 1:].pow(2).sum().item() / wanted[:, 1:].pow(2).sum().item()
+
+    def conversion(block_layout="importance"):
+        model = build_sparse_initial(source, 2)
+        expert_heads = calibrate_sparse(source, model, fit_ids, block_layout=block_layout)[0]  # [G*M]
+        own_slot = (expert_heads[0].item() % 3, expert_heads[4].item() % 3)  # each group's head with a slot of its own
+        return own_slot, attention_error(model)
+
+    importance_layout, importance_error = conversion()
+    errors = {}
+    for layout in itertools.product(range(3), repeat=2):
+        splits = [[[head, head], [other for other in range(3) if other != head]] for head in layout]
+        monkeypatch.setattr(convert.fit, "sparse_blocks", lambda heads, k, splits=splits: splits.pop(0))
+        forced_layout, errors[layout] = conversion()
+        assert forced_layout == layout
+    monkeypatch.undo()
+    assert errors[importance_layout] == pytest.approx(importance_error, rel=1e-5)
+
+    chosen, chosen_error = conversion("fit-error")
+    assert chosen_error == pytest.approx(errors[chosen], rel=1e-5)  # the layer holds the chosen layout's fit
+    assert chosen_error < importance_error  # here the search has a better layout to find
+    for group in range(2):
+        for head in range(3):
+            neighbour = tuple(head if g == group else chosen[g] for g in range(2))
+            assert chosen_error <= errors[neighbour] * (1 + 1e-5)
+
+
 def test_unknown_block_layout_is_refused(sources, tmp_path):
-    with pytest.raises(UpcycleError, match="--block-layout must be one of \\['importance', 'least-dropped'\\]"):
+    expected = "--block-layout must be one of \\['importance', 'least-dropped', 'fit-error'\\]"
+    with pytest.raises(UpcycleError, match=expected):
         upcycle(str(sources / "llama"), tmp_path / "out", mode="sparse", top_k=1, block_layout="random",
                 calibration_file=__file__)
     assert not (tmp_path / "out").exists()
