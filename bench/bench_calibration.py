@@ -50,6 +50,8 @@ from convert.sources import load_source
 # model's loss ratio to the source grows along the window, and a 256-token calibration never shows the fit the
 # second half. Half as many sequences, so the first position's weight doubles to keep its share of the fit.
 # Recipe 11 is recipe 10 with the first position's weight left at 2048.
+# Recipe 12 is recipe 2 with each layer's block layout searched by the fit's own error (`--block-layout fit-error`):
+# on five SmolLM2 layers probed, the best layout's attention error was 7-34% below the "importance" layout's.
 GRID = [
     dict(tokens=16384, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance"),
     dict(tokens=32768, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance"),
@@ -67,6 +69,7 @@ GRID = [
     dict(tokens=65536, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance", seq_len=512,
          first_token_weight=4096.0),
     dict(tokens=65536, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance", seq_len=512),
+    dict(tokens=65536, output_ridge=3e-4, router_ridge=1e-3, block_layout="fit-error"),
 ]
 
 
