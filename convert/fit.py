@@ -104,8 +104,9 @@ def fit_output_projection(attn, normed: list[torch.Tensor], targets: list[torch.
     """Set `attn.o_proj` to the ridge regression of the source attention's outputs (`targets`) on the GQE layer's
     slot features for the inputs `normed`, with its router as set, each sequence's first position weighted by
     `first_token_weight`. Returns the fit's squared error on the other positions, relative to the targets' squared
-    norm there: what the layer misses where attention reads more than one position (the first position, weighted
-    thousands of times, would otherwise dominate the figure)."""
+    norm there: what the layer misses where attention reads more than one position. (The first position is left
+    out because its weight could let it dominate the figure; on SmolLM2 its error is near zero whatever the layout,
+    since every head of a group reads the same single value there, and the weighted error chose the same layouts.)"""
     bias = attn.o_proj.bias
     row_weight = torch.ones(normed[0].shape[1], dtype=torch.float64)
     row_weight[0] = first_token_weight
