@@ -20,21 +20,9 @@ import common  # noqa: F401  (puts the repository on sys.path when run from a ch
 from common import report
 
 from convert.data import load_token_blocks
-from convert.evaluate import DOMAINS, check_domains
+from convert.evaluate import DOMAINS, check_domains, token_losses
 from convert.resources import SMOLLM2_GGUF, smollm2_folder
 from convert.sources import load_checkpoint, load_source
-
-
-@torch.no_grad()
-def token_losses(model, blocks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """Next-token negative log-likelihood of every scored position, [n, T - 1], each block on its own."""
-    model.eval()
-    losses = []
-    for start in range(0, blocks.shape[0], batch_size):
-        batch = blocks[start : start + batch_size]
-        logits = model(batch, use_cache=False).logits[:, :-1].float()
-        losses.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none"))
-    return torch.cat(losses)
 
 
 def mean_losses(losses: torch.Tensor, ranges: list[tuple[int, int]]) -> dict[str, float]:

@@ -26,20 +26,22 @@ from .errors import UpcycleError
 
 
 @torch.no_grad()
-def perplexity(model, input_ids: torch.Tensor, batch_size: int = 8) -> float:
-    """exp(mean next-token negative log-likelihood) over blocks [n, T], each block scored on its own."""
-    total_nll, total_tokens = 0.0, 0
+def token_losses(model, input_ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Next-token negative log-likelihood of every predicted position of blocks [n, T], each block scored on its own:
+    [n, T - 1], column j scoring token j + 1."""
     model.eval()
     device = next(model.parameters()).device
+    losses = []
     for start in range(0, input_ids.shape[0], batch_size):
         batch = input_ids[start : start + batch_size].to(device)
-        logits = model(batch, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += nll.item()
-        total_tokens += batch[:, 1:].numel()
-    return math.exp(total_nll / total_tokens)
+        logits = model(batch, use_cache=False).logits[:, :-1].float()  # [b, T - 1, vocab]
+        losses.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").cpu())
+    return torch.cat(losses)
+
+
+def perplexity(model, input_ids: torch.Tensor, batch_size: int = 8) -> float:
+    """exp(mean next-token negative log-likelihood) over blocks [n, T], each block scored on its own."""
+    return math.exp(token_losses(model, input_ids, batch_size).double().mean().item())
 
 
 # ------------------------------------------------------------------------------------------- zero-shot tasks
