@@ -30,7 +30,7 @@ import common  # noqa: F401  (puts the repository on sys.path when run from a ch
 from common import report
 
 from convert.data import load_token_blocks
-from convert.evaluate import domain_perplexities, domain_sources, zero_shot
+from convert.evaluate import SAMPLES, domain_perplexities, domain_sources, zero_shot
 from convert.heal import distill, heal
 from convert.layout import build_exact
 from convert.resources import SMOLLM2_GGUF as GGUF, smollm2_folder
@@ -43,7 +43,7 @@ def measure(model, tokenizer, args) -> dict:
     row = {f"ppl {domain}": ppl for domain, ppl in
            domain_perplexities(model, tokenizer, args.domains, args.eval_tokens, args.eval_window).items()}
     if args.tasks:
-        scores = zero_shot(model, tokenizer, args.tasks, args.limit or None)
+        scores = zero_shot(model, tokenizer, args.tasks, args.limit or None, sample=args.sample)
         row.update({task: 100 * scores[task]["acc_norm"] for task in args.tasks})
         row["zero-shot average"] = sum(row[task] for task in args.tasks) / len(args.tasks)
     return row
@@ -95,7 +95,10 @@ def main():
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per domain")
     parser.add_argument("--eval-window", type=int, default=512)
     parser.add_argument("--tasks", nargs="*", default=["piqa", "arc_easy", "hellaswag"], help="none: no zero-shot")
-    parser.add_argument("--limit", type=int, default=200, help="examples per task (the first ones); 0 for all")
+    parser.add_argument("--limit", type=int, default=200, help="examples per task (which ones: --sample); 0 for all")
+    parser.add_argument("--sample", default="spread", choices=SAMPLES,
+                        help="which --limit examples of each task: spread evenly over its split (as gqe-eval), or the "
+                             "first ones (every figure recorded before 2026-12-05)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--keep", help="a new folder to keep every checkpoint in (k2, k2-healed-100000, "
                         "dense-control-100000, ...); by default they are written to a temporary folder and deleted")
@@ -164,7 +167,9 @@ def main():
     report("Upcycling SmolLM2-135M into sparse GQE: every domain and task, before and after healing", columns, table,
            notes=[f"Calibration and healing data: {' '.join(data)} ({args.calibration_tokens} calibration tokens).",
                   f"Perplexity on {args.eval_tokens} held-out tokens per domain in {args.eval_window}-token windows; "
-                  f"zero-shot acc_norm on the first {args.limit or 'all'} examples of each task. Healed rows are "
+                  f"zero-shot acc_norm on {args.limit or 'all'} examples of each task"
+                  + ("" if not args.limit else " (the first ones)" if args.sample == "first" else " (spread over it)")
+                  + ". Healed rows are "
                   "compared with the dense control of the same budget, the others with the source."])
     if args.json:
         Path(args.json).write_text(json.dumps({"data": data, "args": vars(args), "rows": rows}, indent=2))

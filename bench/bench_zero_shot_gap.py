@@ -8,13 +8,15 @@ each candidate on the same examples through gqe-eval's lm-eval path, and reports
 average's (the mean over tasks, as gqe-eval's "zero-shot average"), each with its paired standard error.
 
     python bench/bench_zero_shot_gap.py CANDIDATE [CANDIDATE ...] [--tasks piqa arc_easy hellaswag] [--limit 0]
+                                        [--sample spread]
     python bench/bench_zero_shot_gap.py CANDIDATE --baseline FOLDER [--baseline-gguf-file NAME]
     python bench/bench_zero_shot_gap.py CANDIDATE ... --scores bench/results/zero_shot_scores.json
 
---limit 0 scores every example of each task's validation split (PIQA 1838, ARC-Easy 570, HellaSwag 10042).
---scores keeps every checkpoint's per-example scores in a file, keyed by a hash of the weights as loaded and the
-library versions, so a checkpoint scored once (15-25 minutes on 2 CPU cores) is paired with any other later
-without being scored again.
+--limit N scores N examples of each task's validation split, spread evenly over it (`--sample first`: the first N,
+as every figure recorded before 2026-12-05 was scored); --limit 0 scores all of them (PIQA 1838, ARC-Easy 570,
+HellaSwag 10042). --scores keeps every checkpoint's per-example scores in a file, keyed by a hash of the weights as
+loaded and the library versions, with the examples they are of, so a checkpoint scored once (15-25 minutes on 2 CPU
+cores) is paired with any other later without being scored again, on any examples among those scored.
 """
 
 import argparse
@@ -30,7 +32,7 @@ import torch
 import common  # noqa: F401  (puts the repository on sys.path when run from a checkout)
 from common import report
 
-from convert.evaluate import TASKS, paired_difference, standard_error, zero_shot
+from convert.evaluate import SAMPLES, TASKS, example_indices, paired_difference, standard_error, task_size, zero_shot
 from convert.resources import SMOLLM2_GGUF, smollm2_folder
 from convert.sources import load_checkpoint
 
@@ -57,43 +59,54 @@ def scoring_versions() -> dict[str, str | None]:
     return versions
 
 
-def cached_scores(model, tasks: list[str], limit: int | None, score, cache: dict, checkpoint: str) -> dict[str, dict]:
-    """Each task's per-example acc_norm of `model`: from `cache` where an entry for the same weights and versions
-    holds at least the first `limit` examples (None: all), else from `score(tasks) -> zero_shot(...)` for the tasks
-    missing, which are then added to `cache` (a dict with an "entries" list, as the --scores file holds).
+def cached_scores(model, indices: dict[str, list[int]], score, cache: dict, checkpoint: str,
+                  **described) -> dict[str, dict]:
+    """Each task's per-example acc_norm of `model` on the examples `indices[task]` (of its validation split): from
+    `cache` where an entry for the same weights and versions holds all of them, else from `score(tasks) ->
+    zero_shot(...)` for the tasks missing, which are then added to `cache` (a dict with an "entries" list, as the
+    --scores file holds), with `described` (how the examples were chosen: limit, sample) for the reader.
+    An entry without "doc_ids" (written before they were recorded) holds the split's first examples.
     The key does not cover convert/evaluate.py's task wrapper (`local_task_configs`): if that changes, start a new
     file."""
     key = {"weights": weights_fingerprint(model), "versions": scoring_versions()}
     results, missing = {}, []
-    for task in tasks:
+    for task, wanted in indices.items():
         for entry in cache.setdefault("entries", []):
-            covers = entry["limit"] is None or (limit is not None and entry["limit"] >= limit)
-            if covers and entry["task"] == task and {k: entry[k] for k in key} == key:
-                values = entry["acc_norm_per_example"][:limit]
-                results[task] = {"acc_norm": sum(values) / len(values), "acc_norm_per_example": values}
+            if entry["task"] != task or {k: entry[k] for k in key} != key:
+                continue
+            values = entry["acc_norm_per_example"]
+            stored = dict(zip(entry.get("doc_ids", range(len(values))), values))
+            if all(index in stored for index in wanted):
+                values = [stored[index] for index in wanted]
+                results[task] = {"acc_norm": sum(values) / len(values), "acc_norm_per_example": values,
+                                 "doc_ids": wanted}
                 break
         else:
             missing.append(task)
     if missing:
         for task, result in score(missing).items():
+            if result["doc_ids"] != indices[task]:
+                raise RuntimeError(f"{task} was scored on other examples than asked for")
             results[task] = result
-            cache["entries"].append({**key, "checkpoint": checkpoint, "task": task, "limit": limit,
+            cache["entries"].append({**key, "checkpoint": checkpoint, "task": task, **described,
+                                     "doc_ids": result["doc_ids"],
                                      "acc_norm_per_example": result["acc_norm_per_example"]})
     return results
 
 
 def scores_per_example(checkpoint: str, gguf_file: str | None, tasks: list[str], limit: int | None,
-                       scores_path: str | None = None) -> dict[str, dict]:
+                       sample: str = "spread", scores_path: str | None = None) -> dict[str, dict]:
     model, tokenizer = load_checkpoint(checkpoint, gguf_file)
 
     def score(missing: list[str]) -> dict[str, dict]:
-        return zero_shot(model, tokenizer, missing, limit, per_example=True)
+        return zero_shot(model, tokenizer, missing, limit, per_example=True, sample=sample)
 
     if scores_path is None:
         return score(tasks)
     path = Path(scores_path)
     cache = json.loads(path.read_text()) if path.exists() else {"entries": []}
-    results = cached_scores(model, tasks, limit, score, cache, checkpoint)
+    indices = {task: example_indices(task_size(task), limit, sample) for task in tasks}
+    results = cached_scores(model, indices, score, cache, checkpoint, limit=limit, sample=sample)
     # Written after each checkpoint (so an interrupted run keeps what it scored), whole or not at all.
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(cache))
@@ -130,7 +143,9 @@ def main():
     parser.add_argument("--baseline", help="the checkpoint the gaps are measured from (default: the bundled SmolLM2-135M)")
     parser.add_argument("--baseline-gguf-file", help="GGUF file name inside --baseline")
     parser.add_argument("--tasks", nargs="+", default=["piqa", "arc_easy", "hellaswag"], choices=list(TASKS))
-    parser.add_argument("--limit", type=int, default=1000, help="examples per task, the first ones (0: all)")
+    parser.add_argument("--limit", type=int, default=1000, help="examples per task (which ones: --sample; 0: all)")
+    parser.add_argument("--sample", default="spread", choices=SAMPLES,
+                        help="which --limit examples of each task: spread evenly over its split, or the first ones")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--scores", help="a file of per-example scores: read to skip checkpoints scored before, "
                                          "written with those scored now")
@@ -141,22 +156,24 @@ def main():
         baseline_path, baseline_gguf = str(smollm2_folder()), SMOLLM2_GGUF
     limit = args.limit or None
     start = time.time()
-    baseline = scores_per_example(baseline_path, baseline_gguf, args.tasks, limit, args.scores)
+    baseline = scores_per_example(baseline_path, baseline_gguf, args.tasks, limit, args.sample, args.scores)
     minutes = [(time.time() - start) / 60]
     rows = []
     for candidate in args.candidates:
         start = time.time()
-        rows += gap_rows(candidate, baseline, scores_per_example(candidate, None, args.tasks, limit, args.scores),
-                        args.tasks)
+        rows += gap_rows(candidate, baseline,
+                         scores_per_example(candidate, None, args.tasks, limit, args.sample, args.scores), args.tasks)
         minutes.append((time.time() - start) / 60)
 
+    chosen = {"spread": "spread evenly over each validation split", "first": "the first ones of each validation split"}
+    examples = "all" if limit is None else f"{limit}, {chosen[args.sample]}"
     columns = ["candidate", "task", "examples", "baseline", "candidate score", "score stderr", "gap",
                "gap stderr (paired)"]
     formats = {column: ".2f" for column in columns[3:]}
     report("Zero-shot gap to the baseline, with paired standard errors (acc_norm, points)", columns, rows, formats,
            json_path=args.json,
            notes=[f"Baseline: {baseline_path}" + (f" ({baseline_gguf})" if baseline_gguf else "") + ".",
-                  f"Examples per task: {args.limit or 'all'} (the first ones of each validation split).",
+                  f"Examples per task: {examples}.",
                   "Minutes scoring (baseline, then each candidate): " + ", ".join(f"{m:.1f}" for m in minutes) + "."])
 
 

