@@ -164,12 +164,12 @@ def main():
             table.append(display(row, None if row is source_row else source_row, "source", args))
     columns = ["checkpoint", *[f"ppl {d}" for d in args.domains], *args.tasks,
                *(["zero-shot average"] if args.tasks else [])]
+    examples = "all examples" if not args.limit else f"{args.limit} examples, " + (
+        "spread evenly over the split" if args.sample == "spread" else "the first ones")
     report("Upcycling SmolLM2-135M into sparse GQE: every domain and task, before and after healing", columns, table,
            notes=[f"Calibration and healing data: {' '.join(data)} ({args.calibration_tokens} calibration tokens).",
                   f"Perplexity on {args.eval_tokens} held-out tokens per domain in {args.eval_window}-token windows; "
-                  f"zero-shot acc_norm on {args.limit or 'all'} examples of each task"
-                  + ("" if not args.limit else " (the first ones)" if args.sample == "first" else " (spread over it)")
-                  + ". Healed rows are "
+                  f"zero-shot acc_norm on {examples} of each task. Healed rows are "
                   "compared with the dense control of the same budget, the others with the source."])
     if args.json:
         Path(args.json).write_text(json.dumps({"data": data, "args": vars(args), "rows": rows}, indent=2))
