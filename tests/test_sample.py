@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import char_tokenizer
 from convert import sample, staging
 from convert.errors import UpcycleError
-from convert.sample import write_sampled_text
+from convert.sample import user_turn_opening, write_sampled_text
 
 SMALL = ["--sequences", "3", "--length", "12", "--batch-size", "2"]
 
@@ -28,6 +28,15 @@ def test_smollm2_samples_are_reproducible_and_as_long_as_asked(smollm2_source, s
     # 3 sequences of 1 + 12 sampled tokens, never stopped early (the text itself may hold blank lines, so the
     # sequences are counted by their tokens); decoding and re-tokenising may merge or split a few.
     assert 30 <= len(tokenizer(first, add_special_tokens=False).input_ids) <= 48
+
+    # --chat: sampled after SmolLM2-Instruct's system prompt and user marker, neither of which is written.
+    opening = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    assert tokenizer.decode(user_turn_opening(tokenizer)) == opening + "<|im_start|>user\n"
+    assert sample.main([str(smollm2_folder()), str(tmp_path / "c.txt"), "--gguf-file", SMOLLM2_GGUF, *SMALL,
+                        "--chat"]) == 0
+    chat = (tmp_path / "c.txt").read_text()
+    assert "helpful AI assistant named SmolLM" not in chat and not chat.startswith("user")
+    assert 24 <= len(tokenizer(chat, add_special_tokens=False).input_ids) <= 48  # the role markers are not written
 
 
 @pytest.fixture
@@ -89,6 +98,47 @@ def test_a_tiny_top_p_samples_the_most_likely_token(tiny_source, tmp_path, monke
     assert (tmp_path / "full.txt").read_text() != (tmp_path / "nucleus.txt").read_text()  # same seed, same first tokens
 
 
+CHAT_TEMPLATE = "system: be kind\n{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+def test_chat_samples_start_from_the_opening_of_a_user_turn_and_leave_it_out(tmp_path, monkeypatch):
+    """--chat: every sequence is sampled after the template's text before a user's message (here, written out by
+    hand: "system: be kind\nuser: "), and the file holds only what was sampled after it."""
+    tokenizer = char_tokenizer("abcdefghijklmnopqrstuvwxyz :\n")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "chat")
+    tokenizer.save_pretrained(tmp_path / "chat")
+    opening = tokenizer("system: be kind\nuser: ", add_special_tokens=False).input_ids
+    assert user_turn_opening(tokenizer) == opening
+    calls = []
+    generate = LlamaForCausalLM.generate
+
+    def recording_generate(self, input_ids, **kwargs):
+        calls.append((input_ids, generate(self, input_ids, **kwargs)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", recording_generate)
+    assert sample.main([str(tmp_path / "chat"), str(tmp_path / "a.txt"), *SMALL, "--chat"]) == 0
+    assert [len(prompt) for prompt, _ in calls] == [2, 1]  # 3 sequences in batches of 2
+    assert all(row.tolist() == opening for prompt, _ in calls for row in prompt)
+    sampled = [tokenizer.decode(row[len(opening):], skip_special_tokens=True) for _, tokens in calls for row in tokens]
+    assert all(len(row) == len(opening) + 12 for _, tokens in calls for row in tokens)
+    assert (tmp_path / "a.txt").read_text() == "\n\n".join(sampled)
+    assert sample.main([str(tmp_path / "chat"), str(tmp_path / "b.txt"), *SMALL, "--chat"]) == 0
+    assert (tmp_path / "b.txt").read_text() == (tmp_path / "a.txt").read_text()
+
+
+def test_chat_sampling_needs_a_chat_template(tiny_source, tmp_path, capsys, monkeypatch):
+    source, _ = tiny_source
+    monkeypatch.setattr(sample, "read_source_weights", lambda *args: pytest.fail("weights read before the check"))
+    assert sample.main([str(source), str(tmp_path / "a.txt"), *SMALL, "--chat"]) == 2
+    assert "--chat needs a tokenizer with a chat template" in capsys.readouterr().err
+    assert not (tmp_path / "a.txt").exists()
+
+
 def test_bad_requests_are_refused_before_any_model_work(tiny_source, tmp_path, capsys):
     source, _ = tiny_source
     (tmp_path / "bare").mkdir()
@@ -130,5 +180,5 @@ def test_an_interrupted_write_leaves_no_file(tiny_source, tmp_path, monkeypatch)
 def test_console_script_is_installed():
     result = subprocess.run(["gqe-sample-text", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    options = ("--sequences", "--length", "--seed", "--temperature", "--top-p", "--force")
+    options = ("--sequences", "--length", "--seed", "--temperature", "--top-p", "--chat", "--force")
     assert all(option in result.stdout for option in options)
