@@ -18,7 +18,7 @@ system prompt and the user's role marker, nothing of the user's own): an instruc
 request and its answer, the kind of text it was tuned on (Magpie's "pre-query template" synthesis, Xu et al. 2024).
 The template's opening is not written; between turns its special tokens are left out and the role names after them
 ("assistant") stay as words. For SmolLM2, such text in the calibration or healing mix moved the zero-shot scores by
-0.1 points (paired error 0.3) and perplexity by at most 2% (bench/RESULTS.md, "What HellaSwag's WikiHow part lacks").
+0.1 points (paired error 0.3) and perplexity by at most 1.3% (bench/RESULTS.md, "What HellaSwag's WikiHow part lacks").
 """
 
 import sys
