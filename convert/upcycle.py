@@ -69,6 +69,9 @@ class UpcycleOptions:
                                 "text on all of its attention weights together (0: off)")
     refine_learning_rate: float = option(1e-4, "sparse: Adam's rate for --refine-epochs")
     refine_batch_size: int = option(8, "sparse: calibration sequences per Adam step of --refine-epochs")
+    drift_correction: float = option(0.0, "sparse: share (0 to 1) of the converted residual stream's drift from the "
+                                     "source's that each layer's fit takes back (0: layer-local targets; 0.5 "
+                                     "measured best)")
     gguf_file: str | None = option(None, "GGUF file name inside SRC, read through transformers' GGUF loader")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of the saved weights")
     force: bool = option(False, "replace OUT if it exists")
@@ -95,6 +98,9 @@ def check_options(options: UpcycleOptions) -> None:
     size = options.refine_batch_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise UpcycleError(f"--refine-batch-size must be a whole number, 1 or more, got {options.refine_batch_size!r}.")
+    if not 0.0 <= options.drift_correction <= 1.0:
+        raise UpcycleError(f"--drift-correction must be between 0 (layer-local targets) and 1 (the whole drift), "
+                           f"got {options.drift_correction!r}; 0.5 is the measured best.")
     if options.mode == "sparse" and options.top_k is None:
         raise UpcycleError("--mode sparse needs --top-k K, the query heads kept per KV group.")
     if options.mode == "sparse" and not options.data_sources:
@@ -170,7 +176,8 @@ def upcycle(src: str, out, options: UpcycleOptions | None = None, **overrides) -
                              output_ridge=options.output_ridge, first_token_weight=options.first_token_weight,
                              block_layout=options.block_layout, refine_epochs=options.refine_epochs,
                              refine_learning_rate=options.refine_learning_rate,
-                             refine_batch_size=options.refine_batch_size)
+                             refine_batch_size=options.refine_batch_size,
+                             drift_correction=options.drift_correction)
             if data.held_out.numel():
                 ppl_source, ppl_converted = perplexity(source, data.held_out), perplexity(model, data.held_out)
                 report.update({"held-out perplexity (source)": ppl_source,

@@ -175,10 +175,12 @@ def test_cli_errors_name_the_problem_and_the_fix(sources, tmp_path, capsys):
          "--refine-learning-rate must be positive, got 0.0"),
         ([str(sources / "llama"), str(tmp_path / "o11"), "--mode", "exact", "--refine-batch-size", "0"],
          "--refine-batch-size must be a whole number, 1 or more, got 0"),
+        ([str(sources / "llama"), str(tmp_path / "o12"), "--mode", "sparse", "--top-k", "1", "--drift-correction", "2"],
+         "--drift-correction must be between 0 (layer-local targets) and 1 (the whole drift), got 2.0"),
         ([str(sources / "llama"), str(sources / "mistral"), "--mode", "exact"], "already exists"),
     ]
     for argv, message in cases:
-        if "--top-k" in argv and argv[-1] in ("0", "3"):
+        if "--top-k" in argv and "--calibration-file" not in argv:
             argv += ["--calibration-file", __file__]
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -526,3 +528,54 @@ def test_smollm2_gguf_source_becomes_a_plain_model_with_the_same_weights(smollm2
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids).logits, source(input_ids).logits, rtol=0, atol=0)
     assert plain.to(torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("drift_correction", [0.0, 0.5])
+def test_output_projection_is_the_ridge_fit_of_the_blended_target(drift_correction):
+    """The last layer's o_proj is the weighted ridge regression, on the converted attention's slot features, of the
+    source attention's output on the converted input plus `drift_correction` times the residual stream's drift: the
+    source's stream after its own attention minus the converted stream with the source attention added. Rebuilt here
+    from the two models' own forwards (their hidden states entering the layer), not from the fit's running streams.
+    At layer 0 the two streams are the same embedding, so the correction changes that layer by rounding alone."""
+    from convert.fit import calibrate_sparse
+    from convert.layout import build_sparse_initial
+
+    source = build_source("llama")
+    fit_ids = torch.randint(0, TINY["vocab_size"], (8, 32), generator=torch.Generator().manual_seed(0))
+    model = build_sparse_initial(source, 2)
+    first_token_weight, output_ridge = 2048.0, 3e-4
+    calibrate_sparse(source, model, fit_ids, first_token_weight=first_token_weight, output_ridge=output_ridge,
+                     drift_correction=drift_correction)
+    plain = build_sparse_initial(source, 2)
+    calibrate_sparse(source, plain, fit_ids)
+    torch.testing.assert_close(model.model.layers[0].self_attn.o_proj.weight,
+                               plain.model.layers[0].self_attn.o_proj.weight, rtol=1e-5, atol=1e-7)  # rounding
+
+    last = TINY["num_hidden_layers"] - 1
+    with torch.no_grad():
+        source_stream = source(fit_ids, output_hidden_states=True).hidden_states[last]  # entering the last layer
+        converted_stream = model(fit_ids, output_hidden_states=True).hidden_states[last]
+        source_layer, layer = source.model.layers[last], model.model.layers[last]
+        position_embeddings = source.model.rotary_emb(source_stream, torch.arange(32)[None])
+
+        def source_attention(stream):
+            return source_layer.self_attn(source_layer.input_layernorm(stream), position_embeddings=position_embeddings,
+                                          attention_mask=None)[0]
+
+        local = source_attention(converted_stream)
+        drift = source_stream + source_attention(source_stream) - (converted_stream + local)
+        target = (local + drift_correction * drift).double()
+        seen = {}
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda module, args: seen.update(features=args[0]))
+        layer.self_attn(layer.input_layernorm(converted_stream), position_embeddings=position_embeddings,
+                        attention_mask=None)
+    row_weight = torch.ones(32, dtype=torch.float64)
+    row_weight[0] = first_token_weight
+    features = (seen["features"].double() * row_weight.sqrt()[:, None]).flatten(0, 1)
+    target = (target * row_weight.sqrt()[:, None]).flatten(0, 1)
+    gram = features.T @ features
+    ridge = output_ridge * gram.diagonal().mean()
+    expected = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype), features.T @ target)
+    torch.testing.assert_close(layer.self_attn.o_proj.weight.double(), expected.T, rtol=1e-4, atol=1e-5)
+    if drift_correction:
+        assert not torch.allclose(layer.self_attn.o_proj.weight, plain.model.layers[last].self_attn.o_proj.weight)
