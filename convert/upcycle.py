@@ -70,8 +70,8 @@ class UpcycleOptions:
     refine_learning_rate: float = option(1e-4, "sparse: Adam's rate for --refine-epochs")
     refine_batch_size: int = option(8, "sparse: calibration sequences per Adam step of --refine-epochs")
     drift_correction: float = option(0.0, "sparse: share (0 to 1) of the converted residual stream's drift from the "
-                                     "source's that each layer's fit takes back (0: layer-local targets; 0.5 "
-                                     "measured best)")
+                                     "source's that each layer's fit takes back (0: layer-local targets; 0.5 best on "
+                                     "text like the calibration's, no help on other text)")
     gguf_file: str | None = option(None, "GGUF file name inside SRC, read through transformers' GGUF loader")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of the saved weights")
     force: bool = option(False, "replace OUT if it exists")
@@ -100,7 +100,7 @@ def check_options(options: UpcycleOptions) -> None:
         raise UpcycleError(f"--refine-batch-size must be a whole number, 1 or more, got {options.refine_batch_size!r}.")
     if not 0.0 <= options.drift_correction <= 1.0:
         raise UpcycleError(f"--drift-correction must be between 0 (layer-local targets) and 1 (the whole drift), "
-                           f"got {options.drift_correction!r}; 0.5 is the measured best.")
+                           f"got {options.drift_correction!r}.")
     if options.mode == "sparse" and options.top_k is None:
         raise UpcycleError("--mode sparse needs --top-k K, the query heads kept per KV group.")
     if options.mode == "sparse" and not options.data_sources:
