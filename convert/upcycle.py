@@ -71,7 +71,7 @@ class UpcycleOptions:
     refine_batch_size: int = option(8, "sparse: calibration sequences per Adam step of --refine-epochs")
     drift_correction: float = option(0.0, "sparse: share (0 to 1) of the converted residual stream's drift from the "
                                      "source's that each layer's fit takes back (0: layer-local targets; 0.5 best on "
-                                     "text like the calibration's, no help on other text)")
+                                     "text like the calibration's, no help on other text nor after gqe-heal)")
     gguf_file: str | None = option(None, "GGUF file name inside SRC, read through transformers' GGUF loader")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of the saved weights")
     force: bool = option(False, "replace OUT if it exists")
