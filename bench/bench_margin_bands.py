@@ -15,9 +15,10 @@ per token), and for the bands together the sum of their margin changes against t
 
 The examples: `--examples` of each part at each of bench_layer_costs' two shifts (0 and 0.5), so 2 x 150 per part
 by default, spread over the part within gqe-eval's spread sample of 2000. `--within A-B` splits only layers A to B
-into the bands (`--within 10-19 --bands 10`: each of those layers alone); `--parts` scores one part only. One
-forward pass of the four endings per example and variant: about 5 minutes per variant for SmolLM2-135M on 2 CPU
-threads at the defaults (3 for WikiHow's part alone).
+into the bands (`--within 10-19 --bands 10`: each of those layers alone); `--bands 0` scores the source and the whole
+conversion only (a screen of a conversion, to pair with another's through the stored log-likelihoods); `--parts`
+scores one part only. One forward pass of the four endings per example and variant: about 5 minutes per variant for
+SmolLM2-135M on 2 CPU threads at the defaults (3 for WikiHow's part alone).
 """
 
 import argparse
@@ -98,11 +99,20 @@ def mean_and_error(values) -> tuple[float, float]:
     return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
 
 
+def layer_bands(first: int, last: int, bands: int, count: int) -> list[range]:
+    """Layers `first` to `last` split into `bands` equal bands, in order. A band that holds all `count` layers is
+    left out: it is the whole conversion, which is always scored ("all layers")."""
+    width = last - first + 1
+    split = [range(first + width * b // bands, first + width * (b + 1) // bands) for b in range(bands)]
+    return [band for band in split if len(band) < count]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(parser)
     parser.add_argument("--examples", type=int, default=150, help="HellaSwag examples of each part at each shift")
-    parser.add_argument("--bands", type=int, default=3, help="equal bands of layers converted one at a time")
+    parser.add_argument("--bands", type=int, default=3,
+                        help="equal bands of layers converted one at a time (0: the whole conversion only)")
     parser.add_argument("--within", help="FIRST-LAST: the layers split into bands (default: all of them)")
     parser.add_argument("--parts", nargs="+", choices=HELLASWAG_PARTS, default=list(HELLASWAG_PARTS),
                         help="HellaSwag parts scored")
@@ -120,12 +130,12 @@ def main():
         if not 0 <= first <= last < count:
             parser.error(f"--within {args.within}: layers between 0 and {count - 1}, the first not after the last.")
     width = last - first + 1
-    if not 1 <= args.bands <= width:
-        parser.error(f"--bands {args.bands}: between 1 and the {width} layers split.")
+    if not 0 <= args.bands <= width:
+        parser.error(f"--bands {args.bands}: between 0 (the whole conversion only) and the {width} layers split.")
     parts = hellaswag_examples(tokenizer, args.examples, args.parts)
 
     start = time.time()
-    bands = [range(first + width * b // args.bands, first + width * (b + 1) // args.bands) for b in range(args.bands)]
+    bands = layer_bands(first, last, args.bands, count)
     band_names = [f"layer {band[0]}" if len(band) == 1 else f"layers {band[0]}-{band[-1]}" for band in bands]
     scores = {"source": ending_log_likelihoods(source, parts)}
     for band, name in zip(bands, band_names):
@@ -152,10 +162,11 @@ def main():
                                      ("gold added", gold_added), ("wrong added", wrong_added)):
                     row[name], row[f"{name} stderr"] = mean_and_error(values)
             rows.append(row)
-        summed = [sum(values) for values in zip(*band_changes)]
-        row = {"part": part, "variant": "bands summed", "examples": len(examples)}
-        row["margin change"], row["margin change stderr"] = mean_and_error(summed)
-        rows.append(row)
+        if len(band_changes) > 1:
+            summed = [sum(values) for values in zip(*band_changes)]
+            row = {"part": part, "variant": "bands summed", "examples": len(examples)}
+            row["margin change"], row["margin change stderr"] = mean_and_error(summed)
+            rows.append(row)
     columns = ["part", "variant", "examples", "acc_norm", "acc_norm change", "acc_norm change stderr", "margin change",
                "margin change stderr", "gold added", "gold added stderr", "wrong added", "wrong added stderr"]
     formats = {column: ".4f" for column in columns[4:]}

@@ -63,3 +63,12 @@ def test_added_losses_are_per_token_on_gold_and_the_mean_of_the_wrong_ones():
     assert math.isclose(gold[0], 0.5) and math.isclose(wrong[0], (0.5 + 0.0 + 3.0) / 3)
     mean, error = bench_margin_bands.mean_and_error([1.0, 2.0, 3.0, 6.0])
     assert math.isclose(mean, 3.0) and math.isclose(error, math.sqrt((4 + 1 + 0 + 9) / 3 / 4))
+
+
+def test_layer_bands_split_evenly_and_leave_out_a_band_of_every_layer():
+    assert bench_margin_bands.layer_bands(0, 29, 3, 30) == [range(0, 10), range(10, 20), range(20, 30)]
+    assert bench_margin_bands.layer_bands(10, 19, 10, 30) == [range(layer, layer + 1) for layer in range(10, 20)]
+    assert bench_margin_bands.layer_bands(0, 6, 2, 7) == [range(0, 3), range(3, 7)]
+    assert bench_margin_bands.layer_bands(0, 29, 1, 30) == []  # the whole conversion, scored anyway
+    assert bench_margin_bands.layer_bands(0, 29, 0, 30) == []
+    assert bench_margin_bands.layer_bands(10, 19, 1, 30) == [range(10, 20)]
