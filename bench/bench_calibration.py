@@ -56,6 +56,9 @@ from convert.sources import load_source
 # Recipe 14 is recipe 2 with half of the residual stream's drift from the source added to each layer's target
 # (`--drift-correction 0.5`): a third of the conversion's loss on HellaSwag's WikiHow endings is the layers' errors
 # compounding (bench_layer_costs.py), which layer-local targets never see.
+# Recipe 15 is recipe 2 with a 30x weaker o_proj ridge (1e-5): recipe 3 found a stronger one worse on every unseen
+# domain, and the first position's weight (2048) inflates the ridge, which is relative to the mean Gram diagonal.
+# Recipe 16 is recipe 15 at the converter's default 16384 tokens (recipe 0's), where a weak ridge could overfit.
 GRID = [
     dict(tokens=16384, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance"),
     dict(tokens=32768, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance"),
@@ -77,6 +80,8 @@ GRID = [
     dict(tokens=65536, output_ridge=3e-4, router_ridge=1e-3, block_layout="fit-error", refine_epochs=2,
          refine_learning_rate=1e-4, refine_batch_size=2),
     dict(tokens=65536, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance", drift_correction=0.5),
+    dict(tokens=65536, output_ridge=1e-5, router_ridge=1e-3, block_layout="importance"),
+    dict(tokens=16384, output_ridge=1e-5, router_ridge=1e-3, block_layout="importance"),
 ]
 
 
