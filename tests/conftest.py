@@ -191,6 +191,29 @@ def tiny_model(seed: int = 0, attn_implementation: str = "sdpa", **overrides) ->
     return randomize_routers(model, seed=seed)
 
 
+SOURCE_VOCAB = 120
+
+
+def tiny_source_and_sparse(num_hidden_layers: int, calibrate: bool = False):
+    """A tiny random Llama (6 query heads in 2 KV groups) and its sparse K = 2 GQE conversion, for the benchmark
+    scripts' tests. `calibrate` fits the conversion's routers and o_proj on random tokens; without it they are
+    the converter's starting point (zero routers, the source heads' mean projections)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from convert.fit import calibrate_sparse
+    from convert.layout import build_sparse_initial
+
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(LlamaConfig(vocab_size=SOURCE_VOCAB, hidden_size=96, intermediate_size=128,
+                                          num_hidden_layers=num_hidden_layers, num_attention_heads=6,
+                                          num_key_value_heads=2)).eval()
+    converted = build_sparse_initial(source, 2)
+    if calibrate:
+        fit_ids = torch.randint(0, SOURCE_VOCAB, (16, 32), generator=torch.Generator().manual_seed(1))
+        calibrate_sparse(source, converted, fit_ids)
+    return source, converted.eval()
+
+
 def byte_blocks(text: str, block: int, count: int) -> list[dict]:
     """`count` training examples of `block` UTF-8 bytes each (vocab 256), labels = inputs."""
     data = torch.tensor(list(text.encode("utf-8")[: block * count]), dtype=torch.long)

@@ -6,25 +6,15 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from convert.fit import calibrate_sparse
-from convert.layout import build_sparse_initial
+from conftest import SOURCE_VOCAB as VOCAB, tiny_source_and_sparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_layer_costs  # noqa: E402
 
 
-VOCAB = 120
-
-
 def source_and_conversion():
-    torch.manual_seed(0)
-    source = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=96, intermediate_size=128, num_hidden_layers=3,
-                                          num_attention_heads=6, num_key_value_heads=2)).eval()
-    converted = build_sparse_initial(source, 2)
-    calibrate_sparse(source, converted, torch.randint(0, VOCAB, (16, 32), generator=torch.Generator().manual_seed(1)))
-    return source, converted.eval()
+    return tiny_source_and_sparse(num_hidden_layers=3, calibrate=True)
 
 
 def test_every_layer_swapped_in_is_the_converted_model_and_leaving_restores_the_source():

@@ -6,22 +6,15 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from convert.layout import build_sparse_initial
+from conftest import SOURCE_VOCAB as VOCAB, tiny_source_and_sparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_margin_bands  # noqa: E402
 
 
-VOCAB = 120
-
-
 def tiny_models():
-    torch.manual_seed(0)
-    source = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
-                                          num_attention_heads=6, num_key_value_heads=2)).eval()
-    return source, build_sparse_initial(source, 2).eval()
+    return tiny_source_and_sparse(num_hidden_layers=2)
 
 
 def example(context, endings, gold=0):
