@@ -203,7 +203,8 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
                      refine_epochs: int = 0, refine_learning_rate: float = 1e-4,
                      refine_batch_size: int | None = None, drift_correction: float = 0.0) -> torch.Tensor:
     """Fit routers and o_proj of `model` (sparse GQE built from `source`) on `fit_ids` [n, T], in place.
-    Returns the source head each expert copies, per layer: [num_layers, G*M] (experts are laid out per layer).
+    Returns the source head each expert copies, per converted layer: [num_layers, G*M] (experts are laid out per
+    layer; the model's `dense_attention_layers` keep the source's attention, are not fitted and have no row).
 
     Each converted attention layer is fitted to the source attention's output on the same (converted) input, plus
     `drift_correction` times the drift of the converted residual stream from the source's (run alongside): the
@@ -256,6 +257,13 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
     for index, (source_layer, layer) in enumerate(
         tqdm(list(zip(source.model.layers, model.model.layers)), desc="calibrating layers", unit="layer")
     ):
+        if config.is_dense_attention_layer(index):  # the source's attention, nothing to fit: step 4 only
+            hidden = [layer(x, position_embeddings=position_embeddings, position_ids=position_ids,
+                            attention_mask=None) for x in hidden]
+            if drift_correction:
+                source_hidden = [source_layer(x, position_embeddings=position_embeddings, position_ids=position_ids,
+                                              attention_mask=None) for x in source_hidden]
+            continue
         source_attn, attn = source_layer.self_attn, layer.self_attn
         source_heads = SourceAttention.of_layer(weights, index, H, d)
         o_weight = source_heads.o_weight  # [D, H, d]

@@ -272,10 +272,44 @@ def set_sparse_experts(attn, source: SourceAttention, blocks_per_group: list[lis
     return expert_heads
 
 
+def parse_dense_layers(text: str, num_layers: int) -> list[int]:
+    """`--dense-layers` ("10-19", "0,5-7", "" for none) -> sorted layer indices, each checked against the source."""
+    layers = []
+    for part in filter(None, (piece.strip() for piece in text.split(","))):
+        try:
+            first, _, last = part.partition("-")
+            span = range(int(first), int(last or first) + 1)
+        except ValueError:
+            raise UpcycleError(f"--dense-layers {text!r}: {part!r} is not a layer or a range of layers; give indices "
+                               f"and FIRST-LAST ranges separated by commas, e.g. 10-19 or 0,5-7.") from None
+        if not span or span[0] < 0 or span[-1] >= num_layers:
+            raise UpcycleError(f"--dense-layers {text!r}: {part!r} is not within the source's layers 0-{num_layers - 1} "
+                               f"(or its first layer is after its last).")
+        layers.extend(span)
+    if len(set(layers)) != len(layers):
+        raise UpcycleError(f"--dense-layers {text!r} lists a layer more than once.")
+    if len(layers) == num_layers:
+        raise UpcycleError(f"--dense-layers {text!r} keeps every layer dense: nothing would be converted.")
+    return sorted(layers)
+
+
 @torch.no_grad()
-def build_sparse_initial(source, top_k: int) -> GQEForCausalLM:
+def copy_dense_attention(weights: dict[str, torch.Tensor], model: GQEForCausalLM) -> None:
+    """The layers in `dense_attention_layers` keep the source's query and output projections unchanged (their keys
+    and values are copied with the shared weights)."""
+    state = model.state_dict()
+    for index in model.config.dense_attention_layers:
+        prefix = f"model.layers.{index}.self_attn."
+        for name in ("q_proj.weight", "q_proj.bias", "o_proj.weight", "o_proj.bias"):
+            if prefix + name in state:
+                state[prefix + name].copy_(weights.get(prefix + name, torch.zeros_like(state[prefix + name])))
+
+
+@torch.no_grad()
+def build_sparse_initial(source, top_k: int, dense_layers: list[int] | None = None) -> GQEForCausalLM:
     """Sparse GQE: K slots per group over partitioned blocks of the source heads. Blocks start in head order;
-    calibration (fit.py) re-chooses them by importance and fits routers and o_proj."""
+    calibration (fit.py) re-chooses them by importance and fits routers and o_proj. Layers in `dense_layers` keep
+    the source's attention (all H heads, `dense_attention_layers`)."""
     src = source.config
     check_sparse_top_k(src, top_k)
     H, G = src.num_attention_heads, src.num_key_value_heads
@@ -283,13 +317,16 @@ def build_sparse_initial(source, top_k: int) -> GQEForCausalLM:
     width = -(-r // top_k)
     config = gqe_config_from_source(
         src, num_attention_heads=G * top_k * width, num_experts_per_tok=top_k, expert_routing="partitioned",
-        gqe_variant="gqe",
+        gqe_variant="gqe", dense_attention_layers=list(dense_layers or []), dense_num_attention_heads=H,
     )
     model = unfilled_gqe_model(config)
     weights = llama_named_state_dict(source)
     copy_shared_weights(weights, model)
+    copy_dense_attention(weights, model)
     blocks = [sparse_blocks(list(range(r)), top_k) for _ in range(G)]
     for index, layer in enumerate(model.model.layers):
+        if config.is_dense_attention_layer(index):
+            continue
         source_attn = SourceAttention.of_layer(weights, index, H, config.head_dim)
         set_sparse_experts(layer.self_attn, source_attn, blocks)
         init_shared_head(layer.self_attn, source_attn)

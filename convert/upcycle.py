@@ -14,7 +14,8 @@ sparse  Each source head is an expert and the router picks K < r of them per gro
         G*K + 1 query-attention computations instead of H. Slot output projections, the shared head and the
         routers are fitted on calibration text, layer by layer, so that each converted attention layer
         reproduces the source layer's output as closely as a linear fit allows (convert/fit.py). Calibration
-        text comes from files or saved datasets, mixed by weight (convert/data.py).
+        text comes from files or saved datasets, mixed by weight (convert/data.py). `--dense-layers 10-19` keeps
+        those layers' attention as the source's (all H heads, no router: `dense_attention_layers`).
 
 Every input is checked before the weights are loaded; OUT is written into a hidden sibling folder and renamed
 into place only when complete.
@@ -35,7 +36,7 @@ from .cli import option, run_command, with_overrides
 from .data import blocks_of, load_token_blocks
 from .errors import UpcycleError
 from .evaluate import perplexity
-from .layout import BLOCK_LAYOUTS, build_exact, build_sparse_initial, check_sparse_top_k
+from .layout import BLOCK_LAYOUTS, build_exact, build_sparse_initial, check_sparse_top_k, parse_dense_layers
 from .sources import read_source_config, read_source_tokenizer, read_source_weights
 from .staging import model_card, staged_output
 
@@ -50,6 +51,8 @@ class UpcycleOptions:
     copies: int = option(2, "exact: experts per source head")
     noise: float = option(0.0, "exact: relative std of noise on the copies, to break their symmetry")
     top_k: int | None = option(None, "sparse: query heads kept per KV group and token")
+    dense_layers: str = option("", "sparse: layers that keep the source's dense attention unchanged (all heads, no "
+                               "router), as indices and ranges, e.g. 10-19 or 0,5-7 (default: none)")
     calibration_file: str | None = option(None, "sparse: a plain-text file to fit on (its last 10%% is held out)")
     calibration_data: list[str] = option([], "sparse: data sources PATH[,weight=W][,column=NAME][,split=NAME] "
                                          "(text, JSONL, Parquet, CSV files or save_to_disk folders), mixed by weight")
@@ -104,6 +107,8 @@ def check_options(options: UpcycleOptions) -> None:
                            f"got {options.drift_correction!r}.")
     if options.mode == "sparse" and options.top_k is None:
         raise UpcycleError("--mode sparse needs --top-k K, the query heads kept per KV group.")
+    if options.mode == "exact" and options.dense_layers.strip():
+        raise UpcycleError("--dense-layers applies to --mode sparse: an exact conversion keeps every layer's function.")
     if options.mode == "sparse" and not options.data_sources:
         raise UpcycleError("--mode sparse needs calibration text: --calibration-file TXT or --calibration-data SOURCE.")
 
@@ -159,6 +164,7 @@ def upcycle(src: str, out, options: UpcycleOptions | None = None, **overrides) -
         source_config = read_source_config(src, options.gguf_file)
         if options.mode == "sparse":
             check_sparse_top_k(source_config, options.top_k)
+            dense_layers = parse_dense_layers(options.dense_layers, source_config.num_hidden_layers)
         tokenizer = read_source_tokenizer(src, options.gguf_file)
         data = None
         if options.mode == "sparse":
@@ -172,7 +178,7 @@ def upcycle(src: str, out, options: UpcycleOptions | None = None, **overrides) -
         if options.mode == "exact":
             model = build_exact(source, options.copies, options.noise, options.seed)
         else:
-            model = build_sparse_initial(source, options.top_k)
+            model = build_sparse_initial(source, options.top_k, dense_layers)
             calibrate_sparse(source, model, data.fit, seed=options.seed, router_ridge=options.router_ridge,
                              output_ridge=options.output_ridge, first_token_weight=options.first_token_weight,
                              block_layout=options.block_layout, refine_epochs=options.refine_epochs,
@@ -200,6 +206,7 @@ def upcycle(src: str, out, options: UpcycleOptions | None = None, **overrides) -
             progress.update()
         config = model.config
         routed = config.num_key_value_heads * config.num_experts_per_tok
+        dense = config.dense_attention_layers
         table = {
             "source": f"`{src}`" + (f" (GGUF {options.gguf_file})" if options.gguf_file else ""),
             "mode": options.mode,
@@ -207,7 +214,10 @@ def upcycle(src: str, out, options: UpcycleOptions | None = None, **overrides) -
                                   f"{config.num_experts_per_group})",
             "selected per group": f"{config.num_experts_per_tok} ({config.expert_routing} routing)",
             "active query heads per token": f"{config.active_query_heads} ({routed} routed + "
-                                            f"{config.active_query_heads - routed} shared)",
+                                            f"{config.active_query_heads - routed} shared)"
+                                            + (f" in the routed layers; {config.dense_num_attention_heads} in the "
+                                               f"{len(dense)} dense layers" if dense else ""),
+            **({"dense attention layers": ", ".join(map(str, dense))} if dense else {}),
             **report,
         }
         card = model_card(f"GQE upcycled from `{src}`",
@@ -218,7 +228,8 @@ def upcycle(src: str, out, options: UpcycleOptions | None = None, **overrides) -
         card.save(staging / "README.md")
         (staging / "upcycle.json").write_text(json.dumps({"source": src, **asdict(options), **report}, indent=2))
     print(f"wrote {out}: {config.num_attention_heads} query-head experts, "
-          f"{config.active_query_heads} active query heads per token")
+          f"{config.active_query_heads} active query heads per token"
+          + (f" ({config.dense_num_attention_heads} in dense layers {', '.join(map(str, dense))})" if dense else ""))
     return report
 
 

@@ -46,6 +46,13 @@ class GQEConfig(PreTrainedConfig):
             while training with labels.
         sliding_window (`int`, *optional*):
             Mistral-style sliding-window attention on every layer; `None` is full attention.
+        dense_attention_layers (`list[int]`, *optional*, defaults to `[]`):
+            Indices of layers whose attention is plain grouped-query attention (Llama's) instead of routed experts:
+            `dense_num_attention_heads` query heads, all attended, on the same `num_key_value_heads` KV heads, and
+            no router. An upcycled model keeps the layers that a sparse conversion costs the most as they were in
+            the source (like Qwen2-MoE's `mlp_only_layers` for the MLP).
+        dense_num_attention_heads (`int`, *optional*):
+            Query heads of the dense layers; defaults to `num_attention_heads`. A multiple of `num_key_value_heads`.
 
     ```python
     >>> from modeling_gqe import GQEConfig, GQEForCausalLM
@@ -96,10 +103,15 @@ class GQEConfig(PreTrainedConfig):
     expert_routing: str = "ranked"
     router_aux_loss_coef: float = 0.01
     output_router_logits: bool = False
+    dense_attention_layers: list[int] | None = None
+    dense_num_attention_heads: int | None = None
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        self.dense_attention_layers = sorted(self.dense_attention_layers or [])
+        if self.dense_num_attention_heads is None:
+            self.dense_num_attention_heads = self.num_attention_heads
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads != 0:
                 raise ValueError(
@@ -138,10 +150,32 @@ class GQEConfig(PreTrainedConfig):
             raise ValueError(
                 f"head_dim ({self.head_dim}) must be even: rotary embeddings rotate pairs of dimensions."
             )
+        self._validate_dense_layers()
         if self.router_aux_loss_coef < 0:
             raise ValueError(
                 f"router_aux_loss_coef ({self.router_aux_loss_coef}) must be >= 0; use 0 to disable load balancing."
             )
+
+    def _validate_dense_layers(self):
+        layers, count = self.dense_attention_layers, self.num_hidden_layers
+        outside = [index for index in layers if not 0 <= index < count]
+        if outside:
+            raise ValueError(
+                f"dense_attention_layers holds {outside}, outside the model's layers 0..{count - 1} "
+                f"(num_hidden_layers = {count}). List layer indices in [0, {count - 1}]."
+            )
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"dense_attention_layers lists a layer more than once: {layers}. List each layer once.")
+        heads, g = self.dense_num_attention_heads, self.num_key_value_heads
+        if heads < 1 or heads % g != 0:
+            raise ValueError(
+                f"dense_num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({g}): "
+                f"the dense layers are grouped-query attention on the same KV heads."
+            )
+
+    def is_dense_attention_layer(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` has plain GQA attention (`dense_attention_layers`) rather than routed experts."""
+        return layer_idx in self.dense_attention_layers
 
     @property
     def num_experts_per_group(self) -> int:

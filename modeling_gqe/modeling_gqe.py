@@ -417,11 +417,74 @@ class GQEAttention(nn.Module):
         return attn_output, attn_weights
 
 
+class GQEDenseAttention(nn.Module):
+    """Plain grouped-query attention, Llama's, for the layers in `config.dense_attention_layers`: all
+    `dense_num_attention_heads` query heads attended on the `num_key_value_heads` KV heads, no router. An upcycled
+    checkpoint keeps the source's attention here, weights unchanged.
+
+    Returns the layer's output [B, T, D] and the attention weights where the backend gives them (eager)."""
+
+    def __init__(self, config: GQEConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.dense_num_attention_heads
+        self.num_key_value_groups = self.num_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+
+        d, D, bias = self.head_dim, config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(D, self.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(D, config.num_key_value_heads * d, bias=bias)
+        self.v_proj = nn.Linear(D, config.num_key_value_heads * d, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * d, D, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,  # the name of `cache` before transformers 5.24
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = cache if cache is not None else past_key_values
+        batch, seq_len = hidden_states.shape[:-1]
+        query_states = self.q_proj(hidden_states).view(batch, seq_len, -1, self.head_dim)  # [B, T, H, d]
+        key_states = self.k_proj(hidden_states).view(batch, seq_len, -1, self.head_dim)  # [B, T, G, d]
+        value_states = self.v_proj(hidden_states).view(batch, seq_len, -1, self.head_dim)
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin, unsqueeze_dim=2)
+        query_states, key_states, value_states = (x.transpose(1, 2) for x in (query_states, key_states, value_states))
+        if cache is not None:
+            key_states, value_states = update_cache(cache, key_states, value_states, self.layer_idx, kwargs)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.config.sliding_window,
+            **kwargs,
+        )  # [B, T, H, d]
+        attn_output = self.o_proj(attn_output.reshape(batch, seq_len, -1))  # [B, T, D]
+        return attn_output, attn_weights
+
+
 class GQEDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: GQEConfig, layer_idx: int):
         super().__init__()
         self.hidden_size = config.hidden_size
-        self.self_attn = GQEAttention(config=config, layer_idx=layer_idx)
+        attention_class = GQEDenseAttention if config.is_dense_attention_layer(layer_idx) else GQEAttention
+        self.self_attn = attention_class(config=config, layer_idx=layer_idx)
         self.mlp = GQEMLP(config)
         self.input_layernorm = GQERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = GQERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -467,7 +530,7 @@ class GQEPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_record_outputs = {
         "hidden_states": GQEDecoderLayer,
-        "attentions": OutputRecorder(GQEAttention, index=1),
+        "attentions": [OutputRecorder(GQEAttention, index=1), OutputRecorder(GQEDenseAttention, index=1)],
         "router_logits": OutputRecorder(GQETopKRouter, index=0),
     }
 

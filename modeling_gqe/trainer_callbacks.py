@@ -40,8 +40,12 @@ class GQERoutingCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None or self._handles:
             return
-        routers = [module for module in model.modules() if _is_router(module)]
-        for layer_idx, router in enumerate(routers):
+        # Named by the decoder layer they sit in ("...layers.7.self_attn.router"): layers in the config's
+        # `dense_attention_layers` have no router, so counting routers would misname the ones after them.
+        routers = [(name, module) for name, module in model.named_modules() if _is_router(module)]
+        for count, (name, router) in enumerate(routers):
+            parts = name.split(".")
+            layer_idx = int(parts[parts.index("layers") + 1]) if "layers" in parts[:-1] else count
             self._handles.append(router.register_forward_hook(self._router_hook(layer_idx)))
         self._handles.append(model.register_forward_hook(self._model_hook))
 

@@ -1,13 +1,20 @@
-"""With partitioned routing, k = M and "hard_concat", GQE is exactly the GQA model (SPEC)."""
+"""With partitioned routing, k = M and "hard_concat", GQE is exactly the GQA model (SPEC); so are the layers listed
+in `dense_attention_layers`."""
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_gqe import GQEConfig, GQEForCausalLM
+from modeling_gqe.modeling_gqe import GQEAttention, GQEDenseAttention
 
 
-def llama_and_gqe(attention_bias: bool, tie: bool):
+EXACT_ROUTING = dict(num_experts_per_tok=4, expert_routing="partitioned", gqe_variant="hard_concat")
+
+
+def llama_and_gqe(attention_bias: bool, tie: bool, **gqe_fields):
+    """A random Llama (3 layers, 8 query heads on 2 KV heads) and a GQE model holding its weights: by default every
+    layer routed with k = M = 4, partitioned, "hard_concat" (exactly GQA); `gqe_fields` change that."""
     torch.manual_seed(0)
     llama_config = LlamaConfig(
         vocab_size=101, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=8,
@@ -20,26 +27,23 @@ def llama_and_gqe(attention_bias: bool, tie: bool):
             for name, param in llama.named_parameters():
                 if name.endswith("bias"):
                     param.normal_(0, 0.1)
-    gqe_config = GQEConfig(
-        **{key: llama_config.to_dict()[key] for key in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "attention_bias", "tie_word_embeddings", "rope_parameters", "rms_norm_eps")},
-        num_experts_per_tok=4, expert_routing="partitioned", gqe_variant="hard_concat",
-    )
+    shape = {key: llama_config.to_dict()[key] for key in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "attention_bias", "tie_word_embeddings", "rope_parameters", "rms_norm_eps")}
+    gqe_config = GQEConfig(**{**shape, **EXACT_ROUTING, **gqe_fields})
     gqe = GQEForCausalLM(gqe_config).eval()
     missing, unexpected = gqe.load_state_dict(llama.state_dict(), strict=False)
     assert unexpected == []
-    assert sorted(missing) == sorted(f"model.layers.{i}.self_attn.router.weight" for i in range(3))
+    routed = [i for i in range(3) if i not in gqe_config.dense_attention_layers]
+    assert sorted(missing) == sorted(f"model.layers.{i}.self_attn.router.weight" for i in routed)
     with torch.no_grad():  # any router gives the same result: each block holds a single expert
-        for layer in gqe.model.layers:
-            layer.self_attn.router.weight.normal_()
+        for index in routed:
+            gqe.model.layers[index].self_attn.router.weight.normal_()
     return llama, gqe
 
 
-@pytest.mark.parametrize("attention_bias,tie", [(False, False), (True, True)])
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
-def test_gqe_equals_llama_at_k_equals_m(attention_bias, tie, backend):
-    llama, gqe = llama_and_gqe(attention_bias, tie)
+def assert_same_outputs_as_llama(llama, gqe, backend):
+    """Logits on a padded batch, every recorded hidden state and attention map, and greedy generation."""
     llama.set_attn_implementation(backend)
     gqe.set_attn_implementation(backend)
     input_ids = torch.randint(0, 101, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -66,6 +70,37 @@ def test_gqe_equals_llama_at_k_equals_m(attention_bias, tie, backend):
             llama.generate(input_ids[:1], max_new_tokens=8, do_sample=False),
             gqe.generate(input_ids[:1], max_new_tokens=8, do_sample=False),
         )
+
+
+@pytest.mark.parametrize("attention_bias,tie", [(False, False), (True, True)])
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_gqe_equals_llama_at_k_equals_m(attention_bias, tie, backend):
+    llama, gqe = llama_and_gqe(attention_bias, tie)
+    assert_same_outputs_as_llama(llama, gqe, backend)
+
+
+@pytest.mark.parametrize("attention_bias", [False, True])
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_every_layer_in_dense_attention_layers_is_llama(attention_bias, backend):
+    """All layers dense (`dense_attention_layers`): no router anywhere, every Llama weight has its place, and the
+    outputs are Llama's. The dense layers' head count is their own (8), not the experts' (4 here)."""
+    llama, gqe = llama_and_gqe(attention_bias, tie=False, num_attention_heads=4, head_dim=8, num_experts_per_tok=2,
+                               dense_num_attention_heads=8, dense_attention_layers=[0, 1, 2])
+    assert all(isinstance(layer.self_attn, GQEDenseAttention) for layer in gqe.model.layers)
+    assert_same_outputs_as_llama(llama, gqe, backend)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_a_dense_layer_between_exact_routed_layers_is_llama(backend):
+    """Layer 1 dense, layers 0 and 2 routed with k = M (exactly GQA, SPEC): the whole model is Llama's, and only the
+    routed layers record router logits."""
+    llama, gqe = llama_and_gqe(attention_bias=False, tie=False, dense_attention_layers=[1])
+    assert [type(layer.self_attn) for layer in gqe.model.layers] == [GQEAttention, GQEDenseAttention, GQEAttention]
+    assert_same_outputs_as_llama(llama, gqe, backend)
+    with torch.no_grad():
+        out = gqe(torch.arange(3, 15)[None], output_router_logits=True)
+    assert len(out.router_logits) == 2 and out.router_logits[0].shape == (12, 8)
+    assert torch.isfinite(out.aux_loss)
 
 
 @pytest.mark.parametrize("task", ["SequenceClassification", "TokenClassification", "QuestionAnswering"])

@@ -177,6 +177,14 @@ def test_cli_errors_name_the_problem_and_the_fix(sources, tmp_path, capsys):
          "--refine-batch-size must be a whole number, 1 or more, got 0"),
         ([str(sources / "llama"), str(tmp_path / "o12"), "--mode", "sparse", "--top-k", "1", "--drift-correction", "2"],
          "--drift-correction must be between 0 (layer-local targets) and 1 (the whole drift), got 2.0"),
+        ([str(sources / "llama"), str(tmp_path / "o13"), "--mode", "sparse", "--top-k", "1", "--dense-layers", "2"],
+         "'2' is not within the source's layers 0-1"),
+        ([str(sources / "llama"), str(tmp_path / "o14"), "--mode", "sparse", "--top-k", "1", "--dense-layers", "0-1"],
+         "keeps every layer dense: nothing would be converted"),
+        ([str(sources / "llama"), str(tmp_path / "o15"), "--mode", "sparse", "--top-k", "1", "--dense-layers", "1-x"],
+         "'1-x' is not a layer or a range of layers"),
+        ([str(sources / "llama"), str(tmp_path / "o16"), "--mode", "exact", "--dense-layers", "1"],
+         "--dense-layers applies to --mode sparse"),
         ([str(sources / "llama"), str(sources / "mistral"), "--mode", "exact"], "already exists"),
     ]
     for argv, message in cases:
@@ -453,11 +461,13 @@ def test_unknown_block_layout_is_refused(sources, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("dense_layers", [[], [0]], ids=["all-routed", "layer-0-dense"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_weight_of_a_converted_model_is_set_by_the_conversion(family, monkeypatch):
+def test_every_weight_of_a_converted_model_is_set_by_the_conversion(family, dense_layers, monkeypatch):
     """The GQE model is built without random initialisation (`layout.unfilled_gqe_model`: zeros), since the
     conversion sets every weight. Built instead on a model whose every weight is random, exact and calibrated
-    sparse conversions come out the same to the bit: no weight keeps what it was built with."""
+    sparse conversions come out the same to the bit: no weight keeps what it was built with (a dense layer's
+    included)."""
     from convert import layout
     from convert.fit import calibrate_sparse
 
@@ -466,7 +476,7 @@ def test_every_weight_of_a_converted_model_is_set_by_the_conversion(family, monk
 
     def convert():
         exact = layout.build_exact(source, copies=2, noise=0.0, seed=0)
-        sparse = layout.build_sparse_initial(source, 2)
+        sparse = layout.build_sparse_initial(source, 2, dense_layers)
         calibrate_sparse(source, sparse, fit_ids)
         return exact.state_dict(), sparse.state_dict()
 
@@ -484,6 +494,38 @@ def test_every_weight_of_a_converted_model_is_set_by_the_conversion(family, monk
         assert expected.keys() == actual.keys()
         for name in expected:
             torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_layers_keep_the_source_attention_and_the_rest_is_fitted(family, sources, tmp_path, shakespeare_text):
+    """`--dense-layers 0`: layer 0 keeps the source's attention (its weights, so the residual stream after it is the
+    source's to float precision), layer 1 is converted and fitted as without the option, and the written folder
+    loads with trust_remote_code, its card naming the dense layer."""
+    folder = tmp_path / family
+    shutil.copytree(sources / family, folder)
+    char_tokenizer(shakespeare_text[:20_000]).save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text(shakespeare_text[:20_000])
+    fit = dict(mode="sparse", top_k=1, calibration_file=str(text), calibration_tokens=2048, held_out_tokens=1024,
+               seq_len=64)
+    assert main([str(folder), str(tmp_path / "dense0"), "--mode", "sparse", "--top-k", "1", "--calibration-file",
+                 str(text), "--calibration-tokens", "2048", "--held-out-tokens", "1024", "--seq-len", "64",
+                 "--dense-layers", "0"]) == 0
+    upcycle(str(folder), tmp_path / "routed", **fit)
+    source = AutoModelForCausalLM.from_pretrained(folder).eval()
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "dense0", trust_remote_code=True).eval()
+    routed = AutoModelForCausalLM.from_pretrained(tmp_path / "routed", trust_remote_code=True).eval()
+    assert converted.config.dense_attention_layers == [0] and converted.config.dense_num_attention_heads == 6
+    input_ids = torch.randint(0, 120, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, actual, without = (model(input_ids, output_hidden_states=True) for model in (source, converted, routed))
+    torch.testing.assert_close(actual.hidden_states[1], expected.hidden_states[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(without.hidden_states[1], expected.hidden_states[1], atol=1e-3)
+    # Layer 1 sees the source's input in the dense conversion, so it is fitted on other inputs than without it.
+    assert not torch.equal(converted.model.layers[1].self_attn.o_proj.weight, routed.model.layers[1].self_attn.o_proj.weight)
+    assert (actual.logits - expected.logits).abs().max() > 1e-3  # the routed layer still drops heads
+    card = (tmp_path / "dense0" / "README.md").read_text()
+    assert "dense attention layers | 0" in card and "6 in the 1 dense layers" in card
 
 
 def test_calibration_reports_the_source_head_of_every_expert():
