@@ -203,8 +203,8 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
                      refine_epochs: int = 0, refine_learning_rate: float = 1e-4,
                      refine_batch_size: int | None = None, drift_correction: float = 0.0) -> torch.Tensor:
     """Fit routers and o_proj of `model` (sparse GQE built from `source`) on `fit_ids` [n, T], in place.
-    Returns the source head each expert copies, per converted layer: [num_layers, G*M] (experts are laid out per
-    layer; the model's `dense_attention_layers` keep the source's attention, are not fitted and have no row).
+    Returns the source head each expert copies, per converted layer: [converted layers, G*M] (experts are laid out
+    per layer; the model's `dense_attention_layers` keep the source's attention, are not fitted and have no row).
 
     Each converted attention layer is fitted to the source attention's output on the same (converted) input, plus
     `drift_correction` times the drift of the converted residual stream from the source's (run alongside): the

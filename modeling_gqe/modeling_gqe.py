@@ -256,7 +256,13 @@ def update_cache(cache, key_states: torch.Tensor, value_states: torch.Tensor, la
     return cache.update(key_states, value_states, layer_idx, kwargs=kwargs)
 
 
-class GQEAttention(nn.Module):
+class GQEAttentionLayer(nn.Module):
+    """What a decoder layer's attention is: routed experts (`GQEAttention`) or, for the config's
+    `dense_attention_layers`, plain GQA (`GQEDenseAttention`). The `attentions` output recorder hooks this one class,
+    so both kinds are recorded in layer order (a list of two recorders loses layers on transformers 5.5)."""
+
+
+class GQEAttention(GQEAttentionLayer):
     """Grouped Query Experts attention (arXiv 2606.20945, Section 3).
 
     Per token, the router picks k of the M experts of each of the G groups. Only the selected experts' queries are
@@ -417,7 +423,7 @@ class GQEAttention(nn.Module):
         return attn_output, attn_weights
 
 
-class GQEDenseAttention(nn.Module):
+class GQEDenseAttention(GQEAttentionLayer):
     """Plain grouped-query attention, Llama's, for the layers in `config.dense_attention_layers`: all
     `dense_num_attention_heads` query heads attended on the `num_key_value_heads` KV heads, no router. An upcycled
     checkpoint keeps the source's attention here, weights unchanged.
@@ -530,7 +536,7 @@ class GQEPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_record_outputs = {
         "hidden_states": GQEDecoderLayer,
-        "attentions": [OutputRecorder(GQEAttention, index=1), OutputRecorder(GQEDenseAttention, index=1)],
+        "attentions": OutputRecorder(GQEAttentionLayer, index=1),
         "router_logits": OutputRecorder(GQETopKRouter, index=0),
     }
 
