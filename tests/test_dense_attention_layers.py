@@ -1,6 +1,6 @@
 """Layers listed in `dense_attention_layers` (Llama's grouped-query attention; that they equal Llama's is in
 tests/test_llama_equivalence.py) mixed with routed ones: caches, generation, saving, training, the routing callback,
-bad settings and vLLM's refusal."""
+bad settings. vLLM serves them with the tokens transformers generates: tests/test_vllm.py."""
 
 import pytest
 import torch
@@ -81,16 +81,6 @@ def test_dense_layer_defaults():
     config = tiny_config()
     assert config.dense_attention_layers == [] and config.dense_num_attention_heads == 8
     assert tiny_config(dense_attention_layers=[1, 0]).dense_attention_layers == [0, 1]
-
-
-def test_vllm_refuses_dense_layers_naming_the_field():
-    """The vLLM class has routed layers only; its config check (run by `LLM(...)` before any weight is read, see
-    tests/test_vllm.py for the hook) names the field instead of failing on a weight's shape."""
-    from vllm_gqe.servable import GQEUnsupportedConfig, check_servable
-
-    check_servable(tiny_config(), 1)
-    with pytest.raises(GQEUnsupportedConfig, match=r"dense_attention_layers=\[1\]: the vLLM class serves"):
-        check_servable(tiny_config(dense_attention_layers=[1]), 1)
 
 
 def test_routing_callback_names_routed_layers_by_their_index(tmp_path):

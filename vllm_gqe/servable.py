@@ -23,12 +23,6 @@ def check_servable(config, tensor_parallel_size: int) -> None:
         raise GQEUnsupportedConfig(f"gqe_variant={config.gqe_variant!r} is not a GQE variant.")
     if config.expert_routing not in ("ranked", "partitioned"):
         raise GQEUnsupportedConfig(f"expert_routing={config.expert_routing!r} is not a GQE routing.")
-    dense_layers = getattr(config, "dense_attention_layers", None)
-    if dense_layers:
-        raise GQEUnsupportedConfig(
-            f"dense_attention_layers={dense_layers}: the vLLM class serves checkpoints whose every layer is routed. "
-            f"Serve this one with transformers, or convert without --dense-layers."
-        )
     check_tensor_parallel_size(config.num_key_value_heads, tensor_parallel_size)
 
 
