@@ -11,12 +11,15 @@ average's (the mean over tasks, as gqe-eval's "zero-shot average"), each with it
                                         [--sample spread]
     python bench/bench_zero_shot_gap.py CANDIDATE --baseline FOLDER [--baseline-gguf-file NAME]
     python bench/bench_zero_shot_gap.py CANDIDATE ... --scores bench/results/zero_shot_scores.json
+    python bench/bench_zero_shot_gap.py CANDIDATE ... --baseline NAME --stored --scores bench/results/zero_shot_scores.json
 
 --limit N scores N examples of each task's validation split, spread evenly over it (`--sample first`: the first N,
 as every figure recorded before 2026-12-05 was scored); --limit 0 scores all of them (PIQA 1838, ARC-Easy 570,
 HellaSwag 10042). --scores keeps every checkpoint's per-example scores in a file, keyed by a hash of the weights as
 loaded and the library versions, with the examples they are of, so a checkpoint scored once (15-25 minutes on 2 CPU
 cores) is paired with any other later without being scored again, on any examples among those scored.
+--stored pairs checkpoints scored before by the names they were scored under (the "checkpoint" of the file's
+entries), without their folders: a gap between two conversions whose folders are gone, in seconds.
 """
 
 import argparse
@@ -114,6 +117,37 @@ def scores_per_example(checkpoint: str, gguf_file: str | None, tasks: list[str],
     return results
 
 
+def stored_scores(checkpoint: str, tasks: list[str], limit: int | None, sample: str, scores_path: str) -> dict[str, dict]:
+    """The per-example scores that the --scores file holds for the checkpoint scored under the name `checkpoint`,
+    on the examples `limit` and `sample` choose, without loading it. Of the weights scored under that name, exactly
+    one set must cover every task's examples (two different models scored under one name, each on every example
+    asked for, are refused)."""
+    entries = json.loads(Path(scores_path).read_text())["entries"]
+    named = [entry for entry in entries if entry["checkpoint"] == checkpoint]
+    if not named:
+        names = sorted({entry["checkpoint"] for entry in entries})
+        raise SystemExit(f"{scores_path} holds no scores of a checkpoint named {checkpoint!r}. Names it holds: "
+                         f"{', '.join(names)}. Score it first (without --stored), or pass one of these names.")
+    wanted = {task: example_indices(task_size(task), limit, sample) for task in tasks}
+    covering = {}  # weights -> {task: result}
+    for entry in named:
+        stored = dict(zip(entry.get("doc_ids", range(len(entry["acc_norm_per_example"]))), entry["acc_norm_per_example"]))
+        task = entry["task"]
+        if task in wanted and all(index in stored for index in wanted[task]):
+            values = [stored[index] for index in wanted[task]]
+            covering.setdefault(entry["weights"], {})[task] = {
+                "acc_norm": sum(values) / len(values), "acc_norm_per_example": values, "doc_ids": wanted[task]}
+    complete = [results for results in covering.values() if set(results) == set(tasks)]
+    if not complete:
+        raise SystemExit(f"{scores_path} holds no scores of {checkpoint!r} covering the examples asked for on every "
+                         f"task (--limit {limit or 0} --sample {sample}); score it first (without --stored).")
+    if len(complete) > 1:
+        raise SystemExit(f"{scores_path} holds scores of {len(complete)} different sets of weights under the name "
+                         f"{checkpoint!r}, each covering the examples asked for; score from its folder instead "
+                         "(without --stored).")
+    return complete[0]
+
+
 def gap_rows(name: str, baseline: dict[str, dict], candidate: dict[str, dict], tasks: list[str]) -> list[dict]:
     """One row per task and one for the average over tasks: both scores, the gap (candidate - baseline) and its
     paired standard error, in points."""
@@ -149,20 +183,30 @@ def main():
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--scores", help="a file of per-example scores: read to skip checkpoints scored before, "
                                          "written with those scored now")
+    parser.add_argument("--stored", action="store_true",
+                        help="take every checkpoint's scores from --scores by the name it was scored under, "
+                             "loading nothing (--baseline default: the bundled SmolLM2-135M's name there)")
     args = parser.parse_args()
+    if args.stored and not args.scores:
+        parser.error("--stored reads the scores from a --scores file: name it.")
 
     baseline_path, baseline_gguf = args.baseline, args.baseline_gguf_file
     if baseline_path is None:
         baseline_path, baseline_gguf = str(smollm2_folder()), SMOLLM2_GGUF
     limit = args.limit or None
     start = time.time()
-    baseline = scores_per_example(baseline_path, baseline_gguf, args.tasks, limit, args.sample, args.scores)
+
+    def scores_of(checkpoint: str, gguf_file: str | None) -> dict[str, dict]:
+        if args.stored:
+            return stored_scores(checkpoint, args.tasks, limit, args.sample, args.scores)
+        return scores_per_example(checkpoint, gguf_file, args.tasks, limit, args.sample, args.scores)
+
+    baseline = scores_of(baseline_path, baseline_gguf)
     minutes = [(time.time() - start) / 60]
     rows = []
     for candidate in args.candidates:
         start = time.time()
-        rows += gap_rows(candidate, baseline,
-                         scores_per_example(candidate, None, args.tasks, limit, args.sample, args.scores), args.tasks)
+        rows += gap_rows(candidate, baseline, scores_of(candidate, None), args.tasks)
         minutes.append((time.time() - start) / 60)
 
     chosen = {"spread": "spread evenly over each validation split", "first": "the first ones of each validation split"}
@@ -174,6 +218,8 @@ def main():
            json_path=args.json,
            notes=[f"Baseline: {baseline_path}" + (f" ({baseline_gguf})" if baseline_gguf else "") + ".",
                   f"Examples per task: {examples}.",
+                  *(["Scores read from " + args.scores + " by checkpoint name (--stored); nothing was scored."]
+                    if args.stored else []),
                   "Minutes scoring (baseline, then each candidate): " + ", ".join(f"{m:.1f}" for m in minutes) + "."])
 
 
