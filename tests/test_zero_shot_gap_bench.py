@@ -1,5 +1,6 @@
 """`bench/bench_zero_shot_gap.py`'s rows against the paired-difference formulas written out by hand."""
 
+import json
 import math
 import statistics
 import sys
@@ -146,3 +147,36 @@ def test_a_spread_sample_is_evenly_spaced_over_the_split_and_the_first_n_are_not
             assert abs(inside - limit * (end - begin) / size) <= 1
     with pytest.raises(UpcycleError, match="unknown sample 'random': choose from spread, first"):
         example_indices(10, 5, "random")
+
+
+def test_stored_scores_are_found_by_name_and_equal_those_scored(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_zero_shot_gap, "task_size", lambda task: len(SPLIT[task]))
+    cache = {"entries": []}
+    scored, _ = cached(tiny_model(0), cache, "sparse", 4, "first", tasks=("piqa", "arc_easy"))
+    cached(tiny_model(1), cache, "other", 8, "first")
+    path = tmp_path / "scores.json"
+    path.write_text(json.dumps(cache))
+
+    def stored(name, limit, sample="first", tasks=("piqa", "arc_easy")):
+        return bench_zero_shot_gap.stored_scores(name, list(tasks), limit, sample, str(path))
+
+    found = stored("sparse", 4)
+    for task in ("piqa", "arc_easy"):
+        assert found[task]["acc_norm_per_example"] == scored[task]["acc_norm_per_example"]
+        assert found[task]["acc_norm"] == pytest.approx(scored[task]["acc_norm"])
+    assert stored("sparse", 2)["piqa"]["acc_norm_per_example"] == SPLIT["piqa"][:2]  # among those stored
+    assert stored("other", 3, "spread", tasks=("piqa",))["piqa"]["acc_norm_per_example"] == [SPLIT["piqa"][i] for i in (0, 2, 5)]
+
+    with pytest.raises(SystemExit, match="no scores of a checkpoint named 'dense'. Names it holds: other, sparse"):
+        stored("dense", 4)
+    with pytest.raises(SystemExit, match="no scores of 'other' covering the examples asked for on every task"):
+        stored("other", 4)  # arc_easy was never scored under that name
+    with pytest.raises(SystemExit, match="no scores of 'sparse' covering"):
+        stored("sparse", 8, tasks=("piqa",))  # piqa's examples 4-7 were not scored
+
+    # A second model under the same name: refused where both cover the examples, used where only it does.
+    cached(tiny_model(2), cache, "sparse", 8, "first")
+    path.write_text(json.dumps(cache))
+    with pytest.raises(SystemExit, match="2 different sets of weights under the name 'sparse'"):
+        stored("sparse", 4, tasks=("piqa",))
+    assert stored("sparse", 8, tasks=("piqa",))["piqa"]["acc_norm_per_example"] == SPLIT["piqa"]
