@@ -62,13 +62,23 @@ def scoring_versions() -> dict[str, str | None]:
     return versions
 
 
+def entry_scores(entry: dict, wanted: list[int]) -> dict | None:
+    """A --scores entry's acc_norm on the examples `wanted` of its task's split, or None where it lacks one of them.
+    An entry without "doc_ids" (written before they were recorded) holds the split's first examples."""
+    values = entry["acc_norm_per_example"]
+    stored = dict(zip(entry.get("doc_ids", range(len(values))), values))
+    if not all(index in stored for index in wanted):
+        return None
+    values = [stored[index] for index in wanted]
+    return {"acc_norm": sum(values) / len(values), "acc_norm_per_example": values, "doc_ids": wanted}
+
+
 def cached_scores(model, indices: dict[str, list[int]], score, cache: dict, checkpoint: str,
                   **described) -> dict[str, dict]:
     """Each task's per-example acc_norm of `model` on the examples `indices[task]` (of its validation split): from
     `cache` where an entry for the same weights and versions holds all of them, else from `score(tasks) ->
     zero_shot(...)` for the tasks missing, which are then added to `cache` (a dict with an "entries" list, as the
     --scores file holds), with `described` (how the examples were chosen: limit, sample) for the reader.
-    An entry without "doc_ids" (written before they were recorded) holds the split's first examples.
     The key does not cover convert/evaluate.py's task wrapper (`local_task_configs`): if that changes, start a new
     file."""
     key = {"weights": weights_fingerprint(model), "versions": scoring_versions()}
@@ -77,12 +87,8 @@ def cached_scores(model, indices: dict[str, list[int]], score, cache: dict, chec
         for entry in cache.setdefault("entries", []):
             if entry["task"] != task or {k: entry[k] for k in key} != key:
                 continue
-            values = entry["acc_norm_per_example"]
-            stored = dict(zip(entry.get("doc_ids", range(len(values))), values))
-            if all(index in stored for index in wanted):
-                values = [stored[index] for index in wanted]
-                results[task] = {"acc_norm": sum(values) / len(values), "acc_norm_per_example": values,
-                                 "doc_ids": wanted}
+            if (result := entry_scores(entry, wanted)) is not None:
+                results[task] = result
                 break
         else:
             missing.append(task)
@@ -131,12 +137,9 @@ def stored_scores(checkpoint: str, tasks: list[str], limit: int | None, sample: 
     wanted = {task: example_indices(task_size(task), limit, sample) for task in tasks}
     covering = {}  # weights -> {task: result}
     for entry in named:
-        stored = dict(zip(entry.get("doc_ids", range(len(entry["acc_norm_per_example"]))), entry["acc_norm_per_example"]))
         task = entry["task"]
-        if task in wanted and all(index in stored for index in wanted[task]):
-            values = [stored[index] for index in wanted[task]]
-            covering.setdefault(entry["weights"], {})[task] = {
-                "acc_norm": sum(values) / len(values), "acc_norm_per_example": values, "doc_ids": wanted[task]}
+        if task in wanted and (result := entry_scores(entry, wanted[task])) is not None:
+            covering.setdefault(entry["weights"], {})[task] = result
     complete = [results for results in covering.values() if set(results) == set(tasks)]
     if not complete:
         raise SystemExit(f"{scores_path} holds no scores of {checkpoint!r} covering the examples asked for on every "
