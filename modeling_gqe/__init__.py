@@ -24,6 +24,7 @@ from .modeling_gqe import (
     GQEModel,
     GQEPreTrainedModel,
     load_balancing_loss_func,
+    routed_layers_top_k,
     routing_statistics,
 )
 from .trainer_callbacks import GQERoutingCallback
@@ -52,6 +53,7 @@ __all__ = [
     "GQEForTokenClassification",
     "GQEForQuestionAnswering",
     "load_balancing_loss_func",
+    "routed_layers_top_k",
     "routing_statistics",
     "GQERoutingCallback",
 ]

@@ -30,6 +30,12 @@ class GQEConfig(PreTrainedConfig):
     GQE-specific arguments (all Llama arguments are accepted as well):
         num_experts_per_tok (`int`, *optional*, defaults to 1):
             k, the query-head experts selected per token in each KV group, `1 <= k <= M`.
+        layer_num_experts_per_tok (`list[int]`, *optional*):
+            A k for each layer (`num_hidden_layers` entries, each `1 <= k <= M`), where the layers should not all
+            select the same number: a layer's attended heads and `o_proj` width follow its own k. `None` (the
+            default) is `num_experts_per_tok` in every layer. The entries of `dense_attention_layers` are not used.
+            An upcycled model gives k = 1 to the layers where dropping to one head per group costs least, to pay
+            for others (bench/RESULTS.md, "k = 1 in some layers").
         gqe_variant (`str`, *optional*, defaults to `"gqe"`):
             `"gqe"`: G*k unweighted slots, one probability-weighted slot and one shared head.
             `"hard_concat"`: the G*k unweighted slots only.
@@ -105,6 +111,7 @@ class GQEConfig(PreTrainedConfig):
     output_router_logits: bool = False
     dense_attention_layers: list[int] | None = None
     dense_num_attention_heads: int | None = None
+    layer_num_experts_per_tok: list[int] | None = None
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -146,6 +153,7 @@ class GQEConfig(PreTrainedConfig):
                 f"equal blocks, so {m} must be divisible by {k}. Choose a divisor of {m} or use "
                 f"expert_routing='ranked'."
             )
+        self._validate_layer_top_k(m)
         if self.head_dim % 2 != 0:
             raise ValueError(
                 f"head_dim ({self.head_dim}) must be even: rotary embeddings rotate pairs of dimensions."
@@ -173,6 +181,42 @@ class GQEConfig(PreTrainedConfig):
                 f"the dense layers are grouped-query attention on the same KV heads."
             )
 
+    def _validate_layer_top_k(self, m: int):
+        per_layer, count = self.layer_num_experts_per_tok, self.num_hidden_layers
+        if per_layer is None:
+            return
+        if len(per_layer) != count:
+            raise ValueError(
+                f"layer_num_experts_per_tok has {len(per_layer)} entries for {count} layers (num_hidden_layers); "
+                f"give one k per layer, or None for num_experts_per_tok ({self.num_experts_per_tok}) everywhere."
+            )
+        outside = sorted({k for k in per_layer if not 1 <= k <= m})
+        if outside:
+            raise ValueError(
+                f"layer_num_experts_per_tok holds {outside}, outside 1..{m} (the experts per KV group, "
+                f"num_attention_heads // num_key_value_heads). Set every entry in [1, {m}]."
+            )
+        uneven = sorted({k for k in per_layer if m % k})
+        if self.expert_routing == "partitioned" and uneven:
+            raise ValueError(
+                f"expert_routing='partitioned' splits the {m} experts of a group into k equal blocks, but "
+                f"layer_num_experts_per_tok holds {uneven}, which do not divide {m}. Use divisors of {m} or "
+                f"expert_routing='ranked'."
+            )
+
+    def num_experts_per_tok_of(self, layer_idx: int) -> int:
+        """k of layer `layer_idx`: its entry of `layer_num_experts_per_tok`, else `num_experts_per_tok`."""
+        if self.layer_num_experts_per_tok is None:
+            return self.num_experts_per_tok
+        return self.layer_num_experts_per_tok[layer_idx]
+
+    def active_query_heads_of(self, layer_idx: int) -> int:
+        """Query-attention computations per token in layer `layer_idx`: `dense_num_attention_heads` in a dense
+        layer, else G*k routed heads plus the shared head for "gqe"."""
+        if self.is_dense_attention_layer(layer_idx):
+            return self.dense_num_attention_heads
+        return self._active_query_heads(self.num_experts_per_tok_of(layer_idx))
+
     def is_dense_attention_layer(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` has plain GQA attention (`dense_attention_layers`) rather than routed experts."""
         return layer_idx in self.dense_attention_layers
@@ -184,14 +228,24 @@ class GQEConfig(PreTrainedConfig):
 
     @property
     def num_output_slots(self) -> int:
-        """S: head-sized slots concatenated before `o_proj` (G*k hard slots, plus weighted and shared for "gqe")."""
-        hard_slots = self.num_key_value_heads * self.num_experts_per_tok
+        """S: head-sized slots concatenated before `o_proj` (G*k hard slots, plus weighted and shared for "gqe"), in
+        a routed layer with k = `num_experts_per_tok` (`num_output_slots_of` for a layer's own k)."""
+        return self.num_output_slots_of(None)
+
+    def num_output_slots_of(self, layer_idx: int | None) -> int:
+        """S of routed layer `layer_idx` (None: of a layer with k = `num_experts_per_tok`)."""
+        k = self.num_experts_per_tok if layer_idx is None else self.num_experts_per_tok_of(layer_idx)
+        hard_slots = self.num_key_value_heads * k
         return hard_slots + 2 if self.gqe_variant == "gqe" else hard_slots
 
     @property
     def active_query_heads(self) -> int:
-        """Query-attention computations per token: G*k routed heads plus the shared head for "gqe"."""
-        return self.num_key_value_heads * self.num_experts_per_tok + (1 if self.gqe_variant == "gqe" else 0)
+        """Query-attention computations per token in a routed layer with k = `num_experts_per_tok`: G*k routed heads
+        plus the shared head for "gqe" (`active_query_heads_of` for a given layer)."""
+        return self._active_query_heads(self.num_experts_per_tok)
+
+    def _active_query_heads(self, k: int) -> int:
+        return self.num_key_value_heads * k + (1 if self.gqe_variant == "gqe" else 0)
 
 
 __all__ = ["GQEConfig"]

@@ -193,11 +193,11 @@ def select_experts(router_probs: torch.Tensor, top_k: int, expert_routing: str) 
 class GQETopKRouter(nn.Module):
     """Per-group softmax router: `x W_r` [.., G*M] -> probabilities over each group's M experts, in fp32."""
 
-    def __init__(self, config: GQEConfig):
+    def __init__(self, config: GQEConfig, layer_idx: int):
         super().__init__()
         self.num_groups = config.num_key_value_heads
         self.experts_per_group = config.num_experts_per_group
-        self.top_k = config.num_experts_per_tok
+        self.top_k = config.num_experts_per_tok_of(layer_idx)
         self.expert_routing = config.expert_routing
         # Zero-initialised (paper): uniform probabilities at the start.
         self.weight = nn.Parameter(torch.zeros(self.num_groups * self.experts_per_group, config.hidden_size))
@@ -289,7 +289,7 @@ class GQEAttention(GQEAttentionLayer):
         self.head_dim = config.head_dim
         self.num_groups = config.num_key_value_heads
         self.experts_per_group = config.num_experts_per_group
-        self.top_k = config.num_experts_per_tok
+        self.top_k = config.num_experts_per_tok_of(layer_idx)
         self.variant = config.gqe_variant
         self.has_shared_head = self.variant == "gqe"
         # Read by the attention backends: the packed call has k query heads per KV head. With k = 1 the shared
@@ -304,11 +304,11 @@ class GQEAttention(GQEAttentionLayer):
         self.q_proj = nn.Linear(D, config.num_attention_heads * d, bias=bias)  # expert e = g*M + m
         self.k_proj = nn.Linear(D, self.num_groups * d, bias=bias)
         self.v_proj = nn.Linear(D, self.num_groups * d, bias=bias)
-        self.router = GQETopKRouter(config)
+        self.router = GQETopKRouter(config, layer_idx)
         if self.has_shared_head:
             self.q_shared = nn.Linear(D, d, bias=bias)
             self.shared_head_attention = GQESharedHeadAttention(config, layer_idx)
-        self.o_proj = nn.Linear(config.num_output_slots * d, D, bias=bias)
+        self.o_proj = nn.Linear(config.num_output_slots_of(layer_idx) * d, D, bias=bias)
 
     def selected_queries(self, hidden_states: torch.Tensor, top_index: torch.Tensor) -> torch.Tensor:
         """Queries of the selected experts, [B, T, G*k, d] (group-major, slot order), from [B, T, D] and the
@@ -634,10 +634,19 @@ class GQEModel(GQEPreTrainedModel):
         return MoeModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})
 
 
+def routed_layers_top_k(config: GQEConfig) -> list[int]:
+    """k of each layer that has a router, in layer order: the layers whose `router_logits` the model records."""
+    return [
+        config.num_experts_per_tok_of(index)
+        for index in range(config.num_hidden_layers)
+        if not config.is_dense_attention_layer(index)
+    ]
+
+
 def routing_statistics(
     router_logits: tuple[torch.Tensor, ...] | list[torch.Tensor],
     num_key_value_heads: int,
-    num_experts_per_tok: int,
+    num_experts_per_tok: int | list[int],
     expert_routing: str = "ranked",
     attention_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -648,18 +657,35 @@ def routing_statistics(
         router_logits: one [B*T, G*M] tensor per layer, as recorded from `GQETopKRouter`
             (`output_router_logits=True`).
         num_key_value_heads: G.
-        num_experts_per_tok: k.
+        num_experts_per_tok: k, or one k per entry of `router_logits` (`routed_layers_top_k(config)` for a
+            model with `layer_num_experts_per_tok`).
         expert_routing: "ranked" or "partitioned", the selection rule used by the model.
         attention_mask: [B, T] (or [B, past + T]: the last T columns are used), 1 for real tokens; padding is left
             out of the fractions, means and entropies.
 
     Returns a dict of tensors, L = layers, N = B*T tokens:
-        "selected_experts": [L, N, G, k], the expert (index within its group, 0..M-1) in each slot.
+        "selected_experts": [L, N, G, k], the expert (index within its group, 0..M-1) in each slot; where the
+            layers' k differ, a tuple of one [N, G, k] tensor per layer.
         "selected_fraction": [L, G, M], the fraction of tokens whose selection includes expert m of group g
             (sums to k over m; divided by k it is the expert's share of its group's picks).
         "mean_probability": [L, G, M], the mean router probability.
         "entropy": [L], the mean entropy of the groups' router distributions, normalised to 1 for uniform.
     """
+    if not isinstance(num_experts_per_tok, int):
+        if len(num_experts_per_tok) != len(router_logits):
+            raise ValueError(
+                f"num_experts_per_tok lists {len(num_experts_per_tok)} values for {len(router_logits)} layers of "
+                "router logits; give one k per routed layer (routed_layers_top_k(config))."
+            )
+        if len(set(num_experts_per_tok)) > 1:  # layers differ in k: each on its own, then stacked where shapes allow
+            per_layer = [
+                routing_statistics((logits,), num_key_value_heads, k, expert_routing, attention_mask)
+                for logits, k in zip(router_logits, num_experts_per_tok)
+            ]
+            statistics = {name: torch.cat([layer[name] for layer in per_layer]) for name in per_layer[0]
+                          if name != "selected_experts"}
+            return {"selected_experts": tuple(layer["selected_experts"][0] for layer in per_layer), **statistics}
+        num_experts_per_tok = num_experts_per_tok[0] if num_experts_per_tok else 1
     logits = torch.stack([layer_logits.to(router_logits[0].device) for layer_logits in router_logits]).float()
     num_layers, num_tokens = logits.shape[:2]
     router_probs = logits.view(num_layers, num_tokens, num_key_value_heads, -1).softmax(dim=-1)  # [L, N, G, M]
@@ -686,7 +712,7 @@ def routing_statistics(
 def load_balancing_loss_func(
     router_logits: tuple[torch.Tensor, ...] | None,
     num_key_value_heads: int,
-    num_experts_per_tok: int,
+    num_experts_per_tok: int | list[int],
     expert_routing: str = "ranked",
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | int:
@@ -772,7 +798,7 @@ class GQEForCausalLM(GQEPreTrainedModel, GenerationMixin):
             aux_loss = load_balancing_loss_func(
                 outputs.router_logits,
                 self.config.num_key_value_heads,
-                self.config.num_experts_per_tok,
+                routed_layers_top_k(self.config),
                 self.config.expert_routing,
                 attention_mask,
             )
@@ -841,5 +867,6 @@ __all__ = [
     "GQEForTokenClassification",
     "GQEForQuestionAnswering",
     "load_balancing_loss_func",
+    "routed_layers_top_k",
     "routing_statistics",
 ]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import DynamicCache, PreTrainedTokenizerFast, StaticCache
 
 import modeling_gqe
 from modeling_gqe import GQEConfig, GQEForCausalLM
@@ -192,6 +192,32 @@ def tiny_model(seed: int = 0, attn_implementation: str = "sdpa", **overrides) ->
 
 
 SOURCE_VOCAB = 120
+
+
+@torch.no_grad()
+def assert_cached_decoding_equals_full_forward(model: GQEForCausalLM, input_ids: torch.Tensor,
+                                               early_static_heads: int | None = None) -> DynamicCache:
+    """Token-by-token decoding with a DynamicCache, and a 7-token prefill then steps with a StaticCache (sized before
+    the model runs, for `early_static_heads` KV heads, where given), reproduce the full forward's logits; greedy
+    generation with the cache equals generation without. Returns the filled DynamicCache."""
+    batch, length = input_ids.shape
+    full = model(input_ids).logits
+    cache = DynamicCache(config=model.config)
+    stepwise = [model(input_ids[:, t : t + 1], cache=cache).logits for t in range(length)]
+    torch.testing.assert_close(torch.cat(stepwise, dim=1), full, atol=1e-5, rtol=1e-5)
+    for early in (False, True) if early_static_heads else (False,):
+        static = StaticCache(config=model.config, max_cache_len=length + 4)
+        if early:
+            static.early_initialization(batch_size=batch, num_heads=early_static_heads,
+                                        head_dim=model.config.head_dim, dtype=full.dtype, device=full.device)
+        prefill = model(input_ids[:, :7], cache=static, cache_position=torch.arange(7)).logits
+        steps = [model(input_ids[:, t : t + 1], cache=static, cache_position=torch.tensor([t])).logits
+                 for t in range(7, length)]
+        torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, atol=1e-5, rtol=1e-5)
+    cached = model.generate(input_ids[:, :4], max_new_tokens=8, do_sample=False)
+    uncached = model.generate(input_ids[:, :4], max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    return cache
 
 
 def tiny_source_and_sparse(num_hidden_layers: int, calibrate: bool = False):

@@ -33,7 +33,8 @@ def naive_gqe_attention(attn, hidden: torch.Tensor, keep: torch.Tensor, weights:
     If `weights` is a dict, weights[t] gets token t's attention probabilities over the visible tokens, one row
     per attended head: the selected experts group by group in slot order, then the shared head."""
     config = attn.config
-    G, M, k, d = config.num_key_value_heads, config.num_experts_per_group, config.num_experts_per_tok, config.head_dim
+    G, M, d = config.num_key_value_heads, config.num_experts_per_group, config.head_dim
+    k = config.num_experts_per_tok_of(attn.layer_idx)  # the layer's own k (`layer_num_experts_per_tok`)
     theta = config.rope_parameters["rope_theta"]
     h = hidden.double()
 

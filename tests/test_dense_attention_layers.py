@@ -4,9 +4,9 @@ bad settings. vLLM serves them with the tokens transformers generates: tests/tes
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
+from transformers import AutoModelForCausalLM
 
-from conftest import tiny_config, tiny_model
+from conftest import assert_cached_decoding_equals_full_forward, tiny_config, tiny_model
 from modeling_gqe import GQEForCausalLM
 
 
@@ -21,28 +21,13 @@ def mixed_model(backend="sdpa", **overrides) -> GQEForCausalLM:
 def test_mixed_layers_cached_decoding_equals_full_forward(backend):
     model = mixed_model(backend, eos_token_id=None)
     input_ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    cache = assert_cached_decoding_equals_full_forward(model, input_ids, early_static_heads=2)
+    # Routed layers cache G + 1 KV heads (the shared head's is the last), the dense layer the G groups' own.
+    assert [layer.keys.shape[1] for layer in cache.layers] == [3, 2, 3]
     with torch.no_grad():
-        full = model(input_ids).logits
-        cache = DynamicCache(config=model.config)
-        stepwise = [model(input_ids[:, t : t + 1], cache=cache).logits for t in range(12)]
-        torch.testing.assert_close(torch.cat(stepwise, dim=1), full, atol=1e-5, rtol=1e-5)
-        # Routed layers cache G + 1 KV heads (the shared head's is the last), the dense layer the G groups' own.
-        assert [layer.keys.shape[1] for layer in cache.layers] == [3, 2, 3]
-
-        for initialised in ("on_first_use", "from_the_config"):
-            cache = StaticCache(config=model.config, max_cache_len=16)
-            if initialised == "from_the_config":
-                cache.early_initialization(batch_size=2, num_heads=2, head_dim=8, dtype=torch.float32,
-                                           device=torch.device("cpu"))
-            prefill = model(input_ids[:, :7], cache=cache, cache_position=torch.arange(7)).logits
-            steps = [model(input_ids[:, t : t + 1], cache=cache, cache_position=torch.tensor([t])).logits
-                     for t in range(7, 12)]
-            torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, atol=1e-5, rtol=1e-5)
-
         cached = model.generate(input_ids[:, :4], max_new_tokens=8, do_sample=False)
-        uncached = model.generate(input_ids[:, :4], max_new_tokens=8, do_sample=False, use_cache=False)
         static = model.generate(input_ids[:, :4], max_new_tokens=8, do_sample=False, cache_implementation="static")
-    assert torch.equal(cached, uncached) and torch.equal(cached, static)
+    assert torch.equal(cached, static)
 
 
 def test_mixed_layers_save_load_and_train(tmp_path):
