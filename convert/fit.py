@@ -233,7 +233,7 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
         network.eval()
         network.set_attn_implementation("sdpa")  # mask-free causal attention below relies on sdpa's is_causal
     config = model.config
-    G, k = config.num_key_value_heads, config.num_experts_per_tok
+    G, M = config.num_key_value_heads, config.num_experts_per_group
     H = source.config.num_attention_heads
     r = H // G
     d = config.head_dim
@@ -265,6 +265,7 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
                                               attention_mask=None) for x in source_hidden]
             continue
         source_attn, attn = source_layer.self_attn, layer.self_attn
+        k = attn.top_k  # this layer's (`layer_num_experts_per_tok`): its blocks are M / k experts wide
         source_heads = SourceAttention.of_layer(weights, index, H, d)
         o_weight = source_heads.o_weight  # [D, H, d]
         normed = [layer.input_layernorm(x) for x in hidden]
@@ -301,12 +302,12 @@ def calibrate_sparse(source, model, fit_ids: torch.Tensor, batch_size: int = 8, 
 
         # 2. The layout, then the router and o_proj fitted for it.
         if block_layout == "least-dropped":
-            blocks = [least_dropped_blocks(contribution[:, g], k) for g in range(G)]
+            blocks = [least_dropped_blocks(contribution[:, g], k, M // k) for g in range(G)]
         else:
-            blocks = [sparse_blocks(importance[g].argsort(descending=True).tolist(), k) for g in range(G)]
+            blocks = [sparse_blocks(importance[g].argsort(descending=True).tolist(), k, M // k) for g in range(G)]
         if block_layout == "fit-error":  # each candidate fitted on some of the batches, the one kept on all
             searched = FitData.of(normed, targets, log_norms, search_batches)
-            candidates = [group_layouts(importance[g], k) for g in range(G)]
+            candidates = [group_layouts(importance[g], k, M // k) for g in range(G)]
             candidates = [layouts if len(layouts) <= MAX_PARTITIONS else [] for layouts in candidates]  # too many
             blocks = search_layout(lambda trial: fit_layout(trial, searched)[1], blocks, candidates)
         expert_heads, _ = fit_layout(blocks, everything)

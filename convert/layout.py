@@ -150,17 +150,20 @@ def build_exact(source, copies: int, noise: float, seed: int) -> GQEForCausalLM:
 # ----------------------------------------------------------------------------------------------------- sparse
 
 
-def sparse_blocks(heads_by_importance: list[int], top_k: int) -> list[list[int]]:
+def sparse_blocks(heads_by_importance: list[int], top_k: int, width: int | None = None) -> list[list[int]]:
     """Split a group's heads (most important first) into `top_k` blocks for partitioned routing, the most
-    important heads in the smallest blocks; each block is padded with copies of its first head to equal width.
+    important heads in the smallest blocks; each block is padded with copies of its first head to `width` experts
+    (default: the largest block's size; a layer whose k differs from the model's pads to M / k).
 
     >>> sparse_blocks([2, 0, 1], 2)
     [[2, 2], [0, 1]]
+    >>> sparse_blocks([2, 0, 1], 1, width=4)
+    [[2, 0, 1, 2]]
     """
     r = len(heads_by_importance)
     base, extra = divmod(r, top_k)
     sizes = [base] * (top_k - extra) + [base + 1] * extra
-    width = -(-r // top_k)
+    width = width or -(-r // top_k)
     blocks, start = [], 0
     for size in sizes:
         block = heads_by_importance[start : start + size]
@@ -187,7 +190,7 @@ def block_partitions(heads: list[int], sizes: list[int]):
             yield [list(block), *tail]
 
 
-def least_dropped_blocks(contribution: torch.Tensor, top_k: int) -> list[list[int]]:
+def least_dropped_blocks(contribution: torch.Tensor, top_k: int, width: int | None = None) -> list[list[int]]:
     """Blocks for one group from its heads' per-token contributions [tokens, r] (norms of their projected
     outputs): of the partitions into `sparse_blocks`' block sizes, the one that loses the least contribution
     when each block keeps, per token, its head of largest contribution (what the router is fitted to do).
@@ -198,9 +201,9 @@ def least_dropped_blocks(contribution: torch.Tensor, top_k: int) -> list[list[in
     [[0, 0], [1, 2]]
     """
     importance = contribution.mean(0)
-    layouts = group_layouts(importance, top_k)
+    layouts = group_layouts(importance, top_k, width)
     if len(layouts) > MAX_PARTITIONS:
-        return sparse_blocks(importance.argsort(descending=True).tolist(), top_k)
+        return sparse_blocks(importance.argsort(descending=True).tolist(), top_k, width)
     total = contribution.sum(1)
 
     def dropped(blocks):
@@ -209,10 +212,10 @@ def least_dropped_blocks(contribution: torch.Tensor, top_k: int) -> list[list[in
     return min(layouts, key=dropped)
 
 
-def group_layouts(importance: torch.Tensor, top_k: int) -> list[list[list[int]]]:
+def group_layouts(importance: torch.Tensor, top_k: int, width: int | None = None) -> list[list[list[int]]]:
     """Every split of one group's heads into `sparse_blocks`' block sizes, given their importance [r], each
     returned like `sparse_blocks`: smallest blocks first, heads by importance within a block, padded with copies of
-    the first. Stops after MAX_PARTITIONS + 1 (the callers fall back to "importance" past MAX_PARTITIONS).
+    the first to `width`. Stops after MAX_PARTITIONS + 1 (the callers fall back to "importance" past MAX_PARTITIONS).
 
     >>> group_layouts(torch.tensor([1.0, 3.0, 2.0]), 2)
     [[[1, 1], [2, 0]], [[2, 2], [1, 0]], [[0, 0], [1, 2]]]
@@ -220,7 +223,7 @@ def group_layouts(importance: torch.Tensor, top_k: int) -> list[list[list[int]]]
     r = importance.shape[0]
     by_importance = importance.argsort(descending=True).tolist()
     sizes = sorted(len(set(block)) for block in sparse_blocks(by_importance, top_k))
-    width = -(-r // top_k)
+    width = width or -(-r // top_k)
     layouts = []
     for partition in itertools.islice(block_partitions(by_importance, sizes), MAX_PARTITIONS + 1):
         blocks = [sorted(block, key=lambda head: -importance[head].item()) for block in partition]
@@ -272,25 +275,64 @@ def set_sparse_experts(attn, source: SourceAttention, blocks_per_group: list[lis
     return expert_heads
 
 
-def parse_dense_layers(text: str, num_layers: int) -> list[int]:
-    """`--dense-layers` ("10-19", "0,5-7", "" for none) -> sorted layer indices, each checked against the source."""
+def parse_layers(text: str, num_layers: int, label: str) -> list[int]:
+    """Layer indices and FIRST-LAST ranges separated by commas ("10-19", "0,5-7", "" for none) -> the indices in
+    the order given, each checked against the source's layers; `label` (the flag and its value) starts the errors."""
     layers = []
     for part in filter(None, (piece.strip() for piece in text.split(","))):
         try:
             first, _, last = part.partition("-")
             span = range(int(first), int(last or first) + 1)
         except ValueError:
-            raise UpcycleError(f"--dense-layers {text!r}: {part!r} is not a layer or a range of layers; give indices "
+            raise UpcycleError(f"{label}: {part!r} is not a layer or a range of layers; give indices "
                                f"and FIRST-LAST ranges separated by commas, e.g. 10-19 or 0,5-7.") from None
         if not span or span[0] < 0 or span[-1] >= num_layers:
-            raise UpcycleError(f"--dense-layers {text!r}: {part!r} is not within the source's layers 0-{num_layers - 1} "
+            raise UpcycleError(f"{label}: {part!r} is not within the source's layers 0-{num_layers - 1} "
                                f"(or its first layer is after its last).")
         layers.extend(span)
     if len(set(layers)) != len(layers):
-        raise UpcycleError(f"--dense-layers {text!r} lists a layer more than once.")
+        raise UpcycleError(f"{label} lists a layer more than once.")
+    return layers
+
+
+def parse_dense_layers(text: str, num_layers: int) -> list[int]:
+    """`--dense-layers` ("10-19", "0,5-7", "" for none) -> sorted layer indices, each checked against the source."""
+    layers = parse_layers(text, num_layers, f"--dense-layers {text!r}")
     if len(layers) == num_layers:
         raise UpcycleError(f"--dense-layers {text!r} keeps every layer dense: nothing would be converted.")
     return sorted(layers)
+
+
+def parse_layer_top_k(entries: list[str], source_config, top_k: int, dense_layers: list[int]) -> list[int] | None:
+    """`--layer-top-k K:LAYERS ...` (e.g. "1:3-4,7,21") -> k of every layer (`layer_num_experts_per_tok`), `top_k`
+    where no entry names the layer; None without entries. A layer's k must keep some of its group's r heads out
+    (1 <= k < r) and split the M = K * ceil(r / K) experts of a --top-k K conversion into equal blocks."""
+    if not entries:
+        return None
+    num_layers = source_config.num_hidden_layers
+    r = source_config.num_attention_heads // source_config.num_key_value_heads
+    M = top_k * -(-r // top_k)
+    allowed = [k for k in range(1, r) if M % k == 0]
+    per_layer, named = [top_k] * num_layers, set()
+    for entry in entries:
+        k_text, colon, layers_text = entry.partition(":")
+        if not colon or not k_text.strip().isdigit():
+            raise UpcycleError(f"--layer-top-k {entry!r} is not K:LAYERS; give a k and the layers that get it, e.g. "
+                               f"1:3-4,7 (k = 1 in layers 3, 4 and 7).")
+        k = int(k_text)
+        if k not in allowed:
+            raise UpcycleError(f"--layer-top-k {entry!r}: k = {k} cannot be laid out in a --top-k {top_k} conversion "
+                               f"of this source (r = {r} heads per group, M = {M} experts): a layer's k must be "
+                               f"below r and divide M. Choose among {allowed}.")
+        layers = parse_layers(layers_text, num_layers, f"--layer-top-k {entry!r}")
+        if named & set(layers) or set(layers) & set(dense_layers):
+            clash = sorted((named | set(dense_layers)) & set(layers))
+            raise UpcycleError(f"--layer-top-k {entry!r} names layers {clash} already given a k or kept dense by "
+                               f"--dense-layers; name each layer once.")
+        named.update(layers)
+        for index in layers:
+            per_layer[index] = k
+    return per_layer
 
 
 @torch.no_grad()
@@ -306,10 +348,12 @@ def copy_dense_attention(weights: dict[str, torch.Tensor], model: GQEForCausalLM
 
 
 @torch.no_grad()
-def build_sparse_initial(source, top_k: int, dense_layers: list[int] | None = None) -> GQEForCausalLM:
+def build_sparse_initial(source, top_k: int, dense_layers: list[int] | None = None,
+                         layer_top_k: list[int] | None = None) -> GQEForCausalLM:
     """Sparse GQE: K slots per group over partitioned blocks of the source heads. Blocks start in head order;
     calibration (fit.py) re-chooses them by importance and fits routers and o_proj. Layers in `dense_layers` keep
-    the source's attention (all H heads, `dense_attention_layers`)."""
+    the source's attention (all H heads, `dense_attention_layers`). `layer_top_k` (from `parse_layer_top_k`) gives
+    layers a k of their own over the same M = K * ceil(r / K) experts."""
     src = source.config
     check_sparse_top_k(src, top_k)
     H, G = src.num_attention_heads, src.num_key_value_heads
@@ -318,15 +362,18 @@ def build_sparse_initial(source, top_k: int, dense_layers: list[int] | None = No
     config = gqe_config_from_source(
         src, num_attention_heads=G * top_k * width, num_experts_per_tok=top_k, expert_routing="partitioned",
         gqe_variant="gqe", dense_attention_layers=list(dense_layers or []), dense_num_attention_heads=H,
+        layer_num_experts_per_tok=layer_top_k,
     )
     model = unfilled_gqe_model(config)
     weights = llama_named_state_dict(source)
     copy_shared_weights(weights, model)
     copy_dense_attention(weights, model)
-    blocks = [sparse_blocks(list(range(r)), top_k) for _ in range(G)]
+    M = config.num_experts_per_group
     for index, layer in enumerate(model.model.layers):
         if config.is_dense_attention_layer(index):
             continue
+        k = config.num_experts_per_tok_of(index)
+        blocks = [sparse_blocks(list(range(r)), k, M // k) for _ in range(G)]
         source_attn = SourceAttention.of_layer(weights, index, H, config.head_dim)
         set_sparse_experts(layer.self_attn, source_attn, blocks)
         init_shared_head(layer.self_attn, source_attn)

@@ -15,7 +15,8 @@ sparse  Each source head is an expert and the router picks K < r of them per gro
         routers are fitted on calibration text, layer by layer, so that each converted attention layer
         reproduces the source layer's output as closely as a linear fit allows (convert/fit.py). Calibration
         text comes from files or saved datasets, mixed by weight (convert/data.py). `--dense-layers 10-19` keeps
-        those layers' attention as the source's (all H heads, no router: `dense_attention_layers`).
+        those layers' attention as the source's (all H heads, no router: `dense_attention_layers`);
+        `--layer-top-k 1:3-4,7` gives layers 3, 4 and 7 a k of their own (`layer_num_experts_per_tok`).
 
 Every input is checked before the weights are loaded; OUT is written into a hidden sibling folder and renamed
 into place only when complete.
@@ -36,7 +37,14 @@ from .cli import option, run_command, with_overrides
 from .data import blocks_of, load_token_blocks
 from .errors import UpcycleError
 from .evaluate import perplexity
-from .layout import BLOCK_LAYOUTS, build_exact, build_sparse_initial, check_sparse_top_k, parse_dense_layers
+from .layout import (
+    BLOCK_LAYOUTS,
+    build_exact,
+    build_sparse_initial,
+    check_sparse_top_k,
+    parse_dense_layers,
+    parse_layer_top_k,
+)
 from .sources import read_source_config, read_source_tokenizer, read_source_weights
 from .staging import model_card, staged_output
 
@@ -53,6 +61,9 @@ class UpcycleOptions:
     top_k: int | None = option(None, "sparse: query heads kept per KV group and token")
     dense_layers: str = option("", "sparse: layers that keep the source's dense attention unchanged (all heads, no "
                                "router), as indices and ranges, e.g. 10-19 or 0,5-7 (default: none)")
+    layer_top_k: list[str] = option([], "sparse: K:LAYERS, a k of their own for some layers, e.g. 1:3-4,7 (k = 1 in "
+                                    "layers 3, 4 and 7: one head per group where that costs least, to pay for "
+                                    "--dense-layers); the other routed layers keep --top-k", nargs="*")
     calibration_file: str | None = option(None, "sparse: a plain-text file to fit on (its last 10%% is held out)")
     calibration_data: list[str] = option([], "sparse: data sources PATH[,weight=W][,column=NAME][,split=NAME] "
                                          "(text, JSONL, Parquet, CSV files or save_to_disk folders), mixed by weight")
@@ -109,6 +120,8 @@ def check_options(options: UpcycleOptions) -> None:
         raise UpcycleError("--mode sparse needs --top-k K, the query heads kept per KV group.")
     if options.mode == "exact" and options.dense_layers.strip():
         raise UpcycleError("--dense-layers applies to --mode sparse: an exact conversion keeps every layer's function.")
+    if options.mode == "exact" and options.layer_top_k:
+        raise UpcycleError("--layer-top-k applies to --mode sparse: an exact conversion keeps every layer's function.")
     if options.mode == "sparse" and not options.data_sources:
         raise UpcycleError("--mode sparse needs calibration text: --calibration-file TXT or --calibration-data SOURCE.")
 
@@ -165,6 +178,7 @@ def upcycle(src: str, out, options: UpcycleOptions | None = None, **overrides) -
         if options.mode == "sparse":
             check_sparse_top_k(source_config, options.top_k)
             dense_layers = parse_dense_layers(options.dense_layers, source_config.num_hidden_layers)
+            layer_top_k = parse_layer_top_k(options.layer_top_k, source_config, options.top_k, dense_layers)
         tokenizer = read_source_tokenizer(src, options.gguf_file)
         data = None
         if options.mode == "sparse":
@@ -178,7 +192,7 @@ def upcycle(src: str, out, options: UpcycleOptions | None = None, **overrides) -
         if options.mode == "exact":
             model = build_exact(source, options.copies, options.noise, options.seed)
         else:
-            model = build_sparse_initial(source, options.top_k, dense_layers)
+            model = build_sparse_initial(source, options.top_k, dense_layers, layer_top_k)
             calibrate_sparse(source, model, data.fit, seed=options.seed, router_ridge=options.router_ridge,
                              output_ridge=options.output_ridge, first_token_weight=options.first_token_weight,
                              block_layout=options.block_layout, refine_epochs=options.refine_epochs,
@@ -207,16 +221,22 @@ def upcycle(src: str, out, options: UpcycleOptions | None = None, **overrides) -
         config = model.config
         routed = config.num_key_value_heads * config.num_experts_per_tok
         dense = config.dense_attention_layers
+        own_k = layers_by_own_k(config)
+        attended = sum(config.active_query_heads_of(index) for index in range(config.num_hidden_layers))
         table = {
             "source": f"`{src}`" + (f" (GGUF {options.gguf_file})" if options.gguf_file else ""),
             "mode": options.mode,
             "query-head experts": f"{config.num_attention_heads} ({config.num_key_value_heads} KV groups x "
                                   f"{config.num_experts_per_group})",
-            "selected per group": f"{config.num_experts_per_tok} ({config.expert_routing} routing)",
+            "selected per group": f"{config.num_experts_per_tok} ({config.expert_routing} routing)"
+                                  + "".join(f"; {k} in layers {', '.join(map(str, layers))}"
+                                            for k, layers in own_k.items()),
             "active query heads per token": f"{config.active_query_heads} ({routed} routed + "
                                             f"{config.active_query_heads - routed} shared)"
-                                            + (f" in the routed layers; {config.dense_num_attention_heads} in the "
+                                            + (" in the routed layers at that k" if own_k else "")
+                                            + (f"; {config.dense_num_attention_heads} in the "
                                                f"{len(dense)} dense layers" if dense else ""),
+            "query heads attended per token, all layers": str(attended),
             **({"dense attention layers": ", ".join(map(str, dense))} if dense else {}),
             **report,
         }
@@ -229,8 +249,21 @@ def upcycle(src: str, out, options: UpcycleOptions | None = None, **overrides) -
         (staging / "upcycle.json").write_text(json.dumps({"source": src, **asdict(options), **report}, indent=2))
     print(f"wrote {out}: {config.num_attention_heads} query-head experts, "
           f"{config.active_query_heads} active query heads per token"
-          + (f" ({config.dense_num_attention_heads} in dense layers {', '.join(map(str, dense))})" if dense else ""))
+          + "".join(f" ({config.active_query_heads_of(layers[0])} in layers {', '.join(map(str, layers))})"
+                    for k, layers in own_k.items())
+          + (f" ({config.dense_num_attention_heads} in dense layers {', '.join(map(str, dense))})" if dense else "")
+          + f", {attended} over all {config.num_hidden_layers} layers")
     return report
+
+
+def layers_by_own_k(config) -> dict[int, list[int]]:
+    """The routed layers whose k differs from `num_experts_per_tok`, by their k."""
+    own: dict[int, list[int]] = {}
+    for index in range(config.num_hidden_layers):
+        k = config.num_experts_per_tok_of(index)
+        if k != config.num_experts_per_tok and not config.is_dense_attention_layer(index):
+            own.setdefault(k, []).append(index)
+    return own
 
 
 def main(argv=None) -> int:

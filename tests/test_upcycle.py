@@ -438,7 +438,7 @@ def test_fit_error_layout_leaves_no_group_a_better_split(monkeypatch):
     errors = {}
     for layout in itertools.product(range(3), repeat=2):
         splits = [[[head, head], [other for other in range(3) if other != head]] for head in layout]
-        monkeypatch.setattr(convert.fit, "sparse_blocks", lambda heads, k, splits=splits: splits.pop(0))
+        monkeypatch.setattr(convert.fit, "sparse_blocks", lambda heads, k, width, splits=splits: splits.pop(0))
         forced_layout, errors[layout] = conversion()
         assert forced_layout == layout
     monkeypatch.undo()
@@ -461,9 +461,10 @@ def test_unknown_block_layout_is_refused(sources, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("dense_layers", [[], [0]], ids=["all-routed", "layer-0-dense"])
+@pytest.mark.parametrize("dense_layers,layer_top_k", [([], None), ([0], None), ([], [1, 2])],
+                         ids=["all-routed", "layer-0-dense", "layer-0-k1"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_weight_of_a_converted_model_is_set_by_the_conversion(family, dense_layers, monkeypatch):
+def test_every_weight_of_a_converted_model_is_set_by_the_conversion(family, dense_layers, layer_top_k, monkeypatch):
     """The GQE model is built without random initialisation (`layout.unfilled_gqe_model`: zeros), since the
     conversion sets every weight. Built instead on a model whose every weight is random, exact and calibrated
     sparse conversions come out the same to the bit: no weight keeps what it was built with (a dense layer's
@@ -476,7 +477,7 @@ def test_every_weight_of_a_converted_model_is_set_by_the_conversion(family, dens
 
     def convert():
         exact = layout.build_exact(source, copies=2, noise=0.0, seed=0)
-        sparse = layout.build_sparse_initial(source, 2, dense_layers)
+        sparse = layout.build_sparse_initial(source, 2, dense_layers, layer_top_k)
         calibrate_sparse(source, sparse, fit_ids)
         return exact.state_dict(), sparse.state_dict()
 
@@ -526,6 +527,62 @@ def test_dense_layers_keep_the_source_attention_and_the_rest_is_fitted(family, s
     assert (actual.logits - expected.logits).abs().max() > 1e-3  # the routed layer still drops heads
     card = (tmp_path / "dense0" / "README.md").read_text()
     assert "dense attention layers | 0" in card and "6 in the 1 dense layers" in card
+
+
+def test_layer_top_k_fits_its_layers_at_their_own_k(sources, tmp_path, shakespeare_text):
+    """`--top-k 2 --layer-top-k 1:0`: layer 0 attends one head per group (and the shared head) over the K = 2 layout's
+    M = 4 experts, which hold each group's 3 heads; layer 1 keeps k = 2. Layer 0 sees the embeddings, as a --top-k 1
+    conversion's layer 0 does, and is fitted like it: their outputs differ by under 5% of the --top-k 1 layer's distance
+    from the source attention's output (the layouts differ by a duplicated expert, which shifts the weighted slot)."""
+    folder = tmp_path / "llama"
+    shutil.copytree(sources / "llama", folder)
+    char_tokenizer(shakespeare_text[:20_000]).save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text(shakespeare_text[:20_000])
+    fit = ["--mode", "sparse", "--calibration-file", str(text), "--calibration-tokens", "2048", "--held-out-tokens",
+           "1024", "--seq-len", "64"]
+    assert main([str(folder), str(tmp_path / "mixed"), *fit, "--top-k", "2", "--layer-top-k", "1:0"]) == 0
+    assert main([str(folder), str(tmp_path / "k1"), *fit, "--top-k", "1"]) == 0
+    source = AutoModelForCausalLM.from_pretrained(folder).eval()
+    mixed = AutoModelForCausalLM.from_pretrained(tmp_path / "mixed", trust_remote_code=True).eval()
+    k1 = AutoModelForCausalLM.from_pretrained(tmp_path / "k1", trust_remote_code=True).eval()
+    config, d = mixed.config, mixed.config.head_dim
+    assert config.layer_num_experts_per_tok == [1, 2] and config.num_attention_heads == 8
+    attentions = [layer.self_attn for layer in mixed.model.layers]
+    assert [attn.top_k for attn in attentions] == [1, 2]
+    assert [attn.o_proj.in_features for attn in attentions] == [(2 * 1 + 2) * d, (2 * 2 + 2) * d]
+    source_rows = source.model.layers[0].self_attn.q_proj.weight.view(6, d, -1)
+    expert_rows = attentions[0].q_proj.weight.view(8, d, -1)
+    for g in range(2):  # each group's four experts are its three heads, one of them twice
+        heads = {next(h for h in range(6) if torch.equal(expert_rows[e], source_rows[h])) for e in range(4 * g, 4 * g + 4)}
+        assert heads == {3 * g, 3 * g + 1, 3 * g + 2}
+
+    input_ids = torch.randint(0, 120, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = source.model.layers[0].input_layernorm(source.model.embed_tokens(input_ids))
+        position_embeddings = source.model.rotary_emb(hidden, torch.arange(24)[None])
+        outputs = [model.model.layers[0].self_attn(hidden, position_embeddings=position_embeddings,
+                                                   attention_mask=None)[0] for model in (source, mixed, k1)]
+    wanted, mixed_output, k1_output = outputs
+    assert (mixed_output - k1_output).norm() < 0.05 * (k1_output - wanted).norm()
+    assert (mixed_output - wanted).norm() > 1e-3 * wanted.norm()  # one head per group is not the source's three
+    card = (tmp_path / "mixed" / "README.md").read_text()
+    assert "2 (partitioned routing); 1 in layers 0" in card and "query heads attended per token, all layers | 8" in card
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(layer_top_k=["3:0"]), r"k = 3 cannot be laid out in a --top-k 2 conversion .* Choose among \[1, 2\]"),
+    (dict(layer_top_k=["1:2"]), r"--layer-top-k '1:2': '2' is not within the source's layers 0-1"),
+    (dict(layer_top_k=["1"]), r"'1' is not K:LAYERS"),
+    (dict(layer_top_k=["1:0", "2:0"]), r"names layers \[0\] already given a k or kept dense"),
+    (dict(layer_top_k=["1:0"], dense_layers="0"), r"names layers \[0\] already given a k or kept dense"),
+    (dict(layer_top_k=["1:0"], mode="exact"), r"--layer-top-k applies to --mode sparse"),
+])
+def test_bad_layer_top_k_is_refused_before_any_model_work(fields, message, sources, tmp_path):
+    options = {**dict(mode="sparse", top_k=2, calibration_file=__file__), **fields}
+    with pytest.raises(UpcycleError, match=message):
+        upcycle(str(sources / "llama"), tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
 
 
 def test_calibration_reports_the_source_head_of_every_expert():
