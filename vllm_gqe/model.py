@@ -13,7 +13,8 @@ per layer); with k > 1 it has its own attention layer and paged cache (one head)
 would mean repeating its query k times, k times its attention work in prefill. Layers listed in the config's
 `dense_attention_layers` are plain grouped-query attention, vLLM's Llama attention with the config's
 `dense_num_attention_heads` (`GQEDenseAttention`: no router, the checkpoint's Llama names), as in the transformers
-model.
+model; a config's `layer_num_experts_per_tok` gives each routed layer its own k (its attention layers and o_proj
+are sized by it).
 
 Tensor parallelism: each rank owns G/N whole groups (their experts' query rows, their router rows, their KV
 head and their hard output slots), so it needs N to divide G; the shared head's query, key and value rows are
@@ -63,9 +64,10 @@ class GQEOutputProjection(RowParallelLinear):
     def __init__(self, config, prefix: str, quant_config: QuantizationConfig | None = None):
         tp_size = get_tensor_model_parallel_world_size()
         d = config.head_dim
-        self.num_groups, self.top_k, self.head_dim = config.num_key_value_heads, config.num_experts_per_tok, d
+        top_k = config.num_experts_per_tok_of(extract_layer_index(prefix))  # the layer's own k
+        self.num_groups, self.top_k, self.head_dim = config.num_key_value_heads, top_k, d
         self.has_shared_head = config.gqe_variant == "gqe"
-        self.hard_width = config.num_key_value_heads // tp_size * config.num_experts_per_tok * d
+        self.hard_width = config.num_key_value_heads // tp_size * top_k * d
         self.extra_width = 2 * d if config.gqe_variant == "gqe" else 0
         super().__init__(
             input_size=tp_size * (self.hard_width + self.extra_width), output_size=config.hidden_size,
@@ -134,7 +136,7 @@ class GQEAttention(nn.Module):
         self.num_groups = config.num_key_value_heads
         self.local_groups = self.num_groups // tp_size
         self.experts_per_group = config.num_experts_per_group
-        self.top_k = config.num_experts_per_tok
+        self.top_k = config.num_experts_per_tok_of(extract_layer_index(prefix))  # `layer_num_experts_per_tok`
         self.variant = config.gqe_variant
         self.expert_routing = config.expert_routing
         self.has_shared_head = self.variant == "gqe"
