@@ -7,7 +7,8 @@ before the model is given a k per layer: it takes a conversion with the band at 
 band at k = 1 (DONOR), converted from the same source with the same recipe, and swaps DONOR's attention modules into
 BASE at `--layers` (each module holds its own weights and config; bench_layer_costs.py swaps modules the same way).
 DONOR's layers were fitted on the input its own k = 1 layers give, not BASE's: a small mismatch a model with a k
-per layer, converted in one go, would not have.
+per layer, converted in one go, would not have. The model has had a k per layer since (`layer_num_experts_per_tok`,
+`gqe-upcycle --layer-top-k 1:3,4`): this probe remains the way to choose the layers, from existing conversions.
 
 Which layers: `--layers 0,3,...`, or `--choose N` with the single-layer costs of bench_layer_costs.py for both
 (`--costs` DONOR's JSON, `--base-costs` BASE's or k = 2 everywhere's): the N routed layers whose k = 1 attention,
