@@ -32,7 +32,7 @@ from common import report
 from convert.data import TextSource, load_token_blocks
 from convert.evaluate import DOMAINS, check_domains, perplexity
 from convert.fit import calibrate_sparse
-from convert.layout import build_sparse_initial
+from convert.layout import build_sparse_initial, parse_layer_top_k
 from convert.resources import SMOLLM2_GGUF, smollm2_folder
 from convert.sources import load_source
 
@@ -67,6 +67,9 @@ from convert.sources import load_source
 # Recipe 19 is recipe 17 with recipe 8's refinement (two Adam passes in batches of 2) on the routed layers: the band
 # healed misses 1.05x the control on the science passages alone (1.059x), and the refinement is the lever that moved
 # every unseen domain of the all-routed conversion (3-6%).
+# Recipe 20 is recipe 17 with k = 1 in the seven routed layers whose k = 1 attention costs least alone
+# (`--layer-top-k 1:3,4,7,8,21,24,29`; bench_mixed_top_k.py --choose 7): 209 query heads per token, K = 2's compute
+# (recipe 2 attends 210) with the band dense.
 GRID = [
     dict(tokens=16384, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance"),
     dict(tokens=32768, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance"),
@@ -94,12 +97,16 @@ GRID = [
     dict(tokens=65536, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance", dense_layers=[10, 11, 14, 16, 19]),
     dict(tokens=65536, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance", refine_epochs=2,
          refine_learning_rate=1e-4, refine_batch_size=2, dense_layers=list(range(10, 20))),
+    dict(tokens=65536, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance", dense_layers=list(range(10, 20)),
+         layer_top_k=["1:3,4,7,8,21,24,29"]),
 ]
 
 
 def convert_and_measure(source, tokenizer, top_k, recipe, fit_sources, eval_blocks, seed=0):
     fit = load_token_blocks(fit_sources, tokenizer, recipe.get("seq_len", 256), recipe["tokens"]).fit
-    model = build_sparse_initial(source, top_k, recipe.get("dense_layers"))
+    dense_layers = recipe.get("dense_layers", [])
+    layer_top_k = parse_layer_top_k(recipe.get("layer_top_k", []), source.config, top_k, dense_layers)
+    model = build_sparse_initial(source, top_k, dense_layers, layer_top_k)
     calibrate_sparse(source, model, fit, seed=seed, router_ridge=recipe["router_ridge"],
                      output_ridge=recipe["output_ridge"], block_layout=recipe["block_layout"],
                      first_token_weight=recipe.get("first_token_weight", 2048.0),

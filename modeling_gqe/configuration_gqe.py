@@ -35,7 +35,7 @@ class GQEConfig(PreTrainedConfig):
             select the same number: a layer's attended heads and `o_proj` width follow its own k. `None` (the
             default) is `num_experts_per_tok` in every layer. The entries of `dense_attention_layers` are not used.
             An upcycled model gives k = 1 to the layers where dropping to one head per group costs least, to pay
-            for others (bench/RESULTS.md, "k = 1 in some layers").
+            for others (`gqe-upcycle --layer-top-k`; bench/RESULTS.md, "A k per layer in the model").
         gqe_variant (`str`, *optional*, defaults to `"gqe"`):
             `"gqe"`: G*k unweighted slots, one probability-weighted slot and one shared head.
             `"hard_concat"`: the G*k unweighted slots only.
