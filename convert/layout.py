@@ -325,6 +325,9 @@ def parse_layer_top_k(entries: list[str], source_config, top_k: int, dense_layer
                                f"of this source (r = {r} heads per group, M = {M} experts): a layer's k must be "
                                f"below r and divide M. Choose among {allowed}.")
         layers = parse_layers(layers_text, num_layers, f"--layer-top-k {entry!r}")
+        if not layers:
+            raise UpcycleError(f"--layer-top-k {entry!r} names no layer; give the layers after the colon, e.g. "
+                               f"{k}:3-4,7.")
         if named & set(layers) or set(layers) & set(dense_layers):
             clash = sorted((named | set(dense_layers)) & set(layers))
             raise UpcycleError(f"--layer-top-k {entry!r} names layers {clash} already given a k or kept dense by "

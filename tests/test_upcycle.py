@@ -574,6 +574,7 @@ def test_layer_top_k_fits_its_layers_at_their_own_k(sources, tmp_path, shakespea
     (dict(layer_top_k=["3:0"]), r"k = 3 cannot be laid out in a --top-k 2 conversion .* Choose among \[1, 2\]"),
     (dict(layer_top_k=["1:2"]), r"--layer-top-k '1:2': '2' is not within the source's layers 0-1"),
     (dict(layer_top_k=["1"]), r"'1' is not K:LAYERS"),
+    (dict(layer_top_k=["1:"]), r"'1:' names no layer"),
     (dict(layer_top_k=["1:0", "2:0"]), r"names layers \[0\] already given a k or kept dense"),
     (dict(layer_top_k=["1:0"], dense_layers="0"), r"names layers \[0\] already given a k or kept dense"),
     (dict(layer_top_k=["1:0"], mode="exact"), r"--layer-top-k applies to --mode sparse"),
