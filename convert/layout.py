@@ -328,8 +328,8 @@ def parse_layer_top_k(entries: list[str], source_config, top_k: int, dense_layer
         if not layers:
             raise UpcycleError(f"--layer-top-k {entry!r} names no layer; give the layers after the colon, e.g. "
                                f"{k}:3-4,7.")
-        if named & set(layers) or set(layers) & set(dense_layers):
-            clash = sorted((named | set(dense_layers)) & set(layers))
+        clash = sorted((named | set(dense_layers)) & set(layers))
+        if clash:
             raise UpcycleError(f"--layer-top-k {entry!r} names layers {clash} already given a k or kept dense by "
                                f"--dense-layers; name each layer once.")
         named.update(layers)

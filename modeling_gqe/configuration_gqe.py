@@ -230,11 +230,13 @@ class GQEConfig(PreTrainedConfig):
     def num_output_slots(self) -> int:
         """S: head-sized slots concatenated before `o_proj` (G*k hard slots, plus weighted and shared for "gqe"), in
         a routed layer with k = `num_experts_per_tok` (`num_output_slots_of` for a layer's own k)."""
-        return self.num_output_slots_of(None)
+        return self._num_output_slots(self.num_experts_per_tok)
 
-    def num_output_slots_of(self, layer_idx: int | None) -> int:
-        """S of routed layer `layer_idx` (None: of a layer with k = `num_experts_per_tok`)."""
-        k = self.num_experts_per_tok if layer_idx is None else self.num_experts_per_tok_of(layer_idx)
+    def num_output_slots_of(self, layer_idx: int) -> int:
+        """S of routed layer `layer_idx`, at its own k."""
+        return self._num_output_slots(self.num_experts_per_tok_of(layer_idx))
+
+    def _num_output_slots(self, k: int) -> int:
         hard_slots = self.num_key_value_heads * k
         return hard_slots + 2 if self.gqe_variant == "gqe" else hard_slots
 

@@ -166,5 +166,8 @@ def test_equal_k_everywhere_is_the_plain_model():
 def test_bad_layer_top_k_settings_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**fields)
-    assert tiny_config(layer_num_experts_per_tok=[3, 1]).num_experts_per_tok_of(0) == 3  # ranked allows any k
+
+
+def test_layer_k_defaults_to_num_experts_per_tok_and_ranked_routing_takes_any_k():
+    assert tiny_config(layer_num_experts_per_tok=[3, 1]).num_experts_per_tok_of(0) == 3
     assert tiny_config(num_experts_per_tok=2).num_experts_per_tok_of(1) == 2
