@@ -15,7 +15,10 @@ file's first blocks). For the HellaSwag parts the standard errors are bootstrapp
 resampled together, so the ratio's error is the paired one).
 
     python bench/bench_layer_costs.py CONVERTED [--baseline FOLDER --baseline-gguf-file NAME] [--examples 150]
-                                      [--shift 0.5] [--json out.json]
+                                      [--shift 0.5] [--texts FILE ...] [--blocks 12] [--json out.json]
+
+--texts scores other files' tails instead of the two domains' (text the calibration never read, for example);
+--examples 0 leaves HellaSwag out.
 
 --shift 0.5 takes the examples half-way between those of --shift 0, a second sample disjoint from the first.
 One forward pass per text and variant: 32 variants for a 30-layer model, 30-60 seconds each for SmolLM2-135M on
@@ -27,6 +30,7 @@ import json
 import random
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -72,10 +76,13 @@ def hellaswag_gold_endings(tokenizer, examples: int, shift: float) -> dict[str, 
             for part, docs in hellaswag_docs(examples, (shift,)).items()}
 
 
-def domain_blocks(tokenizer, blocks: int = 12, length: int = 256) -> dict[str, torch.Tensor]:
+def domain_blocks(tokenizer, files: dict | None = None, blocks: int = 12, length: int = 256) -> dict[str, torch.Tensor]:
+    """`blocks` blocks of `length` tokens from the tail of each text file of `files` (name: path; default
+    ../shared/data's tinyshakespeare and WikiText-2 test)."""
+    files = files or {"shakespeare": data_file(SHAKESPEARE), "wikitext": data_file(WIKITEXT)}
     texts = {}
-    for name, file in {"shakespeare": SHAKESPEARE, "wikitext": WIKITEXT}.items():
-        text = data_file(file).read_text()[-TAIL_CHARACTERS:]
+    for name, file in files.items():
+        text = Path(file).read_text()[-TAIL_CHARACTERS:]
         ids = tokenizer(text)["input_ids"][: blocks * length]
         texts[name] = torch.tensor(ids).view(blocks, length)
     return texts
@@ -163,7 +170,11 @@ def load_source_and_conversion(args) -> tuple:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(parser)
-    parser.add_argument("--examples", type=int, default=150, help="HellaSwag examples of each part")
+    parser.add_argument("--examples", type=int, default=150, help="HellaSwag examples of each part (0: none)")
+    parser.add_argument("--texts", nargs="+", metavar="FILE",
+                        help="score the tails of these text files (named by their stems) instead of tinyshakespeare's "
+                             "and WikiText-2's")
+    parser.add_argument("--blocks", type=int, default=12, help="blocks of 256 tokens from each text's tail")
     parser.add_argument("--shift", type=float, default=0.0, help="where in each step of the spread the examples are")
     parser.add_argument("--json", help="also write the results (with every variant's per-example losses) here")
     args = parser.parse_args()
@@ -172,8 +183,8 @@ def main():
 
     source, converted, tokenizer, described = load_source_and_conversion(args)
     layers = source.model.layers
-    parts = hellaswag_gold_endings(tokenizer, args.examples, args.shift)
-    domains = domain_blocks(tokenizer)
+    parts = hellaswag_gold_endings(tokenizer, args.examples, args.shift) if args.examples else {}
+    domains = domain_blocks(tokenizer, args.texts and {Path(file).stem: file for file in args.texts}, args.blocks)
 
     start = time.time()
     scores = {"source": losses(source, parts, domains), "converted": losses(converted, parts, domains)}

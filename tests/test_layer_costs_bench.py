@@ -78,3 +78,16 @@ def test_bootstrap_error_of_the_added_loss_is_the_standard_error_of_a_mean():
     expected = torch.tensor(added).std(unbiased=False).item() / math.sqrt(200)
     assert abs(total_error / expected - 1) < 0.1
     assert math.isclose(summed_error, total_error, rel_tol=1e-6) and ratio_error < 1e-9
+
+
+def test_domain_blocks_are_each_files_tail_cut_into_blocks(tmp_path):
+    """`--texts`: each file's last TAIL_CHARACTERS characters, tokenised, cut into `blocks` blocks of `length` tokens from
+    the start of that tail, named by the file's stem."""
+    def by_character(text):  # a tokenizer with one token per character
+        return {"input_ids": [ord(c) for c in text]}
+
+    file = tmp_path / "notes.txt"
+    file.write_text("x" * 50 + "".join(chr(65 + i % 26) for i in range(bench_layer_costs.TAIL_CHARACTERS)))
+    blocks = bench_layer_costs.domain_blocks(by_character, {"notes": file}, blocks=3, length=4)
+    assert list(blocks) == ["notes"]
+    assert blocks["notes"].tolist() == [[65, 66, 67, 68], [69, 70, 71, 72], [73, 74, 75, 76]]
