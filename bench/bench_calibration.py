@@ -70,6 +70,10 @@ from convert.sources import load_source
 # Recipe 20 is recipe 17 with k = 1 in the seven routed layers whose k = 1 attention costs least alone
 # (`--layer-top-k 1:3,4,7,8,21,24,29`; bench_mixed_top_k.py --choose 7): 209 query heads per token, K = 2's compute
 # (recipe 2 attends 210) with the band dense.
+# Recipe 21 is recipe 20 with the seven layers chosen by their k = 1 costs on text no calibration here reads (Python's
+# standard library and reference manual; bench_layer_costs.py --texts code.txt docs.txt): 3, 4, 21, 22, 25, 27, 29.
+# Recipes 22 and 23 are recipe 21 with a 10x and a 100x stronger router ridge: at k = 1 one wrong pick of the router
+# costs a whole head, so a router that carries to other text may matter there as it did not at K = 2 (recipe 4).
 GRID = [
     dict(tokens=16384, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance"),
     dict(tokens=32768, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance"),
@@ -99,6 +103,12 @@ GRID = [
          refine_learning_rate=1e-4, refine_batch_size=2, dense_layers=list(range(10, 20))),
     dict(tokens=65536, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance", dense_layers=list(range(10, 20)),
          layer_top_k=["1:3,4,7,8,21,24,29"]),
+    dict(tokens=65536, output_ridge=3e-4, router_ridge=1e-3, block_layout="importance", dense_layers=list(range(10, 20)),
+         layer_top_k=["1:3,4,21,22,25,27,29"]),
+    dict(tokens=65536, output_ridge=3e-4, router_ridge=1e-2, block_layout="importance", dense_layers=list(range(10, 20)),
+         layer_top_k=["1:3,4,21,22,25,27,29"]),
+    dict(tokens=65536, output_ridge=3e-4, router_ridge=1e-1, block_layout="importance", dense_layers=list(range(10, 20)),
+         layer_top_k=["1:3,4,21,22,25,27,29"]),
 ]
 
 
