@@ -84,6 +84,9 @@ def domain_blocks(tokenizer, files: dict | None = None, blocks: int = 12, length
     for name, file in files.items():
         text = Path(file).read_text()[-TAIL_CHARACTERS:]
         ids = tokenizer(text)["input_ids"][: blocks * length]
+        if len(ids) < blocks * length:
+            raise SystemExit(f"{file}: its tail holds {len(ids) // length} blocks of {length} tokens, not {blocks}; "
+                             f"ask for fewer with --blocks or give a longer text.")
         texts[name] = torch.tensor(ids).view(blocks, length)
     return texts
 
@@ -178,6 +181,11 @@ def main():
     parser.add_argument("--shift", type=float, default=0.0, help="where in each step of the spread the examples are")
     parser.add_argument("--json", help="also write the results (with every variant's per-example losses) here")
     args = parser.parse_args()
+    if args.examples < 0 or args.blocks < 1:
+        parser.error("--examples is at least 0 (0 leaves HellaSwag out) and --blocks at least 1.")
+    missing = [file for file in args.texts or [] if not Path(file).is_file()]
+    if missing:
+        parser.error(f"--texts: no such file: {', '.join(missing)}.")
     if not 0 <= args.shift < 1:
         parser.error(f"--shift {args.shift}: a fraction of the step between examples, at least 0 and below 1.")
 

@@ -5,6 +5,7 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import SOURCE_VOCAB as VOCAB, tiny_source_and_sparse
@@ -91,3 +92,10 @@ def test_domain_blocks_are_each_files_tail_cut_into_blocks(tmp_path):
     blocks = bench_layer_costs.domain_blocks(by_character, {"notes": file}, blocks=3, length=4)
     assert list(blocks) == ["notes"]
     assert blocks["notes"].tolist() == [[65, 66, 67, 68], [69, 70, 71, 72], [73, 74, 75, 76]]
+
+
+def test_a_text_too_short_for_the_blocks_asked_is_refused_naming_the_file_and_the_fix(tmp_path):
+    file = tmp_path / "short.txt"
+    file.write_text("abcdefghij")
+    with pytest.raises(SystemExit, match=r"short\.txt: its tail holds 2 blocks of 4 tokens, not 3; ask for fewer"):
+        bench_layer_costs.domain_blocks(lambda text: {"input_ids": [ord(c) for c in text]}, {"short": file}, 3, 4)
