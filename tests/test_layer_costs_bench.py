@@ -81,12 +81,14 @@ def test_bootstrap_error_of_the_added_loss_is_the_standard_error_of_a_mean():
     assert math.isclose(summed_error, total_error, rel_tol=1e-6) and ratio_error < 1e-9
 
 
+def by_character(text):
+    """A tokenizer with one token per character."""
+    return {"input_ids": [ord(c) for c in text]}
+
+
 def test_domain_blocks_are_each_files_tail_cut_into_blocks(tmp_path):
     """`--texts`: each file's last TAIL_CHARACTERS characters, tokenised, cut into `blocks` blocks of `length` tokens from
     the start of that tail, named by the file's stem."""
-    def by_character(text):  # a tokenizer with one token per character
-        return {"input_ids": [ord(c) for c in text]}
-
     file = tmp_path / "notes.txt"
     file.write_text("x" * 50 + "".join(chr(65 + i % 26) for i in range(bench_layer_costs.TAIL_CHARACTERS)))
     blocks = bench_layer_costs.domain_blocks(by_character, {"notes": file}, blocks=3, length=4)
@@ -98,4 +100,4 @@ def test_a_text_too_short_for_the_blocks_asked_is_refused_naming_the_file_and_th
     file = tmp_path / "short.txt"
     file.write_text("abcdefghij")
     with pytest.raises(SystemExit, match=r"short\.txt: its tail holds 2 blocks of 4 tokens, not 3; ask for fewer"):
-        bench_layer_costs.domain_blocks(lambda text: {"input_ids": [ord(c) for c in text]}, {"short": file}, 3, 4)
+        bench_layer_costs.domain_blocks(by_character, {"short": file}, 3, 4)
