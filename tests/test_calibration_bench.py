@@ -39,4 +39,4 @@ def test_heads_per_token_of_the_recipes_that_trade_layers():
     grid = bench_calibration.GRID
     assert query_heads_per_token(grid[2]) == 210  # K = 2 everywhere: 7 of 9 in every layer
     assert query_heads_per_token(grid[17]) == 230  # layers 10-19 dense
-    assert [query_heads_per_token(grid[i]) for i in (20, 21, 22, 23, 24)] == [209] * 5  # K = 2's compute
+    assert [query_heads_per_token(grid[i]) for i in range(20, 27)] == [209] * 7  # K = 2's compute
